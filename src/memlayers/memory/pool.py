@@ -1,0 +1,39 @@
+"""MemoryPool: the value table(s) that memory layers read.
+
+A model owns one pool and hands it to every memory layer (the paper's shared
+memory), so the table exists once and every layer's read adds to its gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memlayers.memory.config import MemoryConfig
+
+
+class MemoryPool(nn.Module):
+    """Value rows of a memory: ``values`` is ``(n_slots, value_dim)``.
+
+    For the PEER variant each slot is a one-neuron expert with an input vector
+    (a row of ``up``, ``(n_slots, dim)``) and an output vector (a row of ``values``).
+    """
+
+    def __init__(self, dim: int, config: MemoryConfig):
+        super().__init__()
+        self.n_slots = config.n_slots
+        self.value_dim = config.resolved_value_dim(dim)
+        self.values = nn.Parameter(torch.empty(self.n_slots, self.value_dim))
+        self.up = nn.Parameter(torch.empty(self.n_slots, dim)) if config.variant == "peer" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Values normal(0, value_dim^-1/2); PEER input vectors normal(0, dim^-1/2)."""
+        nn.init.normal_(self.values, std=1.0 / math.sqrt(self.value_dim))
+        if self.up is not None:
+            nn.init.normal_(self.up, std=1.0 / math.sqrt(self.up.shape[1]))
+
+    def extra_repr(self) -> str:
+        return f"n_slots={self.n_slots}, value_dim={self.value_dim}, peer={self.up is not None}"

@@ -1,0 +1,41 @@
+"""A pre-norm transformer block whose FFN is dense, memory, MoE or PEER."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlayers.memory.layer import MemoryLayer
+from memlayers.memory.pool import MemoryPool
+from memlayers.model.attention import Attention
+from memlayers.model.config import ModelConfig
+from memlayers.model.ffn import FeedForward
+from memlayers.model.moe import MoE
+
+
+def build_ffn(config: ModelConfig, layer: int, pool: MemoryPool | None) -> nn.Module:
+    """The FFN module of block ``layer`` as the config chooses it."""
+    kind = config.ffn_kind(layer)
+    if kind in ("memory", "peer"):
+        return MemoryLayer(config.dim, config.memory, pool=pool)
+    if kind == "moe":
+        return MoE(config.dim, config.expert_hidden, config.moe)
+    return FeedForward(config.dim, config.ffn_hidden)
+
+
+class Block(nn.Module):
+    """``x + attn(norm(x))`` then ``h + ffn(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, layer: int, pool: MemoryPool | None = None):
+        super().__init__()
+        self.layer = layer
+        self.kind = config.ffn_kind(layer)
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = build_ffn(config, layer, pool)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x`` ``(B, T, dim)``."""
+        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, dim)
+        return h + self.ffn(self.ffn_norm(h))  # (B, T, dim)

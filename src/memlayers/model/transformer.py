@@ -1,0 +1,110 @@
+"""Transformer: the decoder LM (Llama-style) with configurable FFN blocks.
+
+A plain ``nn.Module``: no I/O, no distributed code. When memory layers share
+their values (the default), the model owns the one :class:`MemoryPool` as
+``memory_pool`` and hands it to each memory layer; otherwise each memory
+layer owns its pool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlayers.memory.layer import MemoryLayer
+from memlayers.memory.pool import MemoryPool
+from memlayers.model.attention import rope_tables
+from memlayers.model.block import Block
+from memlayers.model.config import ModelConfig
+from memlayers.model.ffn import FeedForward
+from memlayers.model.moe import MoE
+
+
+class LMOutput(NamedTuple):
+    """Logits ``(B, T, vocab)``, the training loss (None without targets) and the MoE auxiliary loss."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: embeddings, blocks, final RMSNorm, output head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        shared = config.memory_layers and config.memory.shared_values
+        self.memory_pool = MemoryPool(config.dim, config.memory) if shared else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i, self.memory_pool) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, head_dim)
+        self.reset_parameters()
+
+    def memory_layers(self) -> list[MemoryLayer]:
+        """The memory (and PEER) layers, in depth order."""
+        return [m for m in self.modules() if isinstance(m, MemoryLayer)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and linears, residual outputs scaled
+        by 1/sqrt(2 n_layers) (GPT-2); memory layers use the paper's own init."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        for block in self.layers:
+            attention = block.attention
+            for linear in (attention.wq, attention.wk, attention.wv):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(attention.wo.weight, std=residual_std)
+            ffn = block.ffn
+            if isinstance(ffn, FeedForward):
+                nn.init.normal_(ffn.w1.weight, std=std)
+                nn.init.normal_(ffn.w3.weight, std=std)
+                nn.init.normal_(ffn.w2.weight, std=residual_std)
+            elif isinstance(ffn, MoE):
+                for weight in (ffn.router.weight, ffn.w1, ffn.w3):
+                    nn.init.normal_(weight, std=std)
+                nn.init.normal_(ffn.w2, std=residual_std)
+            else:
+                ffn.reset_parameters()
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.memory_pool is not None:
+            self.memory_pool.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        """Next-token logits for ``tokens`` ``(B, T)``.
+
+        With ``targets`` ``(B, T)`` (``-100`` = ignore) the loss is the mean
+        cross-entropy plus ``moe.aux_loss_weight`` times the MoE balancing loss.
+        """
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for block in self.layers:
+            h = block(h, cos, sin)
+        logits = self.output(self.norm(h))  # (B, T, vocab)
+        moe_losses = [b.ffn.aux_loss for b in self.layers if isinstance(b.ffn, MoE)]
+        aux_loss = torch.stack(moe_losses).sum() if moe_losses else None
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if aux_loss is not None:
+                loss = loss + self.config.moe.aux_loss_weight * aux_loss
+        return LMOutput(logits, loss, aux_loss)

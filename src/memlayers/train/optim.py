@@ -1,0 +1,101 @@
+"""Optimizer groups chosen by parameter name, and per-group gradient clipping.
+
+The paper trains memory values with their own learning rate (1e-3 against
+1e-4 for the rest) and clips their gradients separately. Parameters are put
+in three named groups:
+
+    values    the memory pools' tables (names ending in ``pool.values`` or,
+              for PEER, ``pool.up``): ``value_lr``, ``value_weight_decay``,
+              clipped to ``value_grad_clip``;
+    decay     every other matrix (2-D or more): ``lr``, ``weight_decay``;
+    no_decay  vectors (norm gains, biases): ``lr``, no weight decay.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memlayers.config import check
+
+VALUE_PARAM = re.compile(r"(^|\.)(memory_pool|pool)\.(values|up)$")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings, with separate ones for the memory values."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    """Max global grad norm of all non-value parameters; null disables."""
+    value_lr: float = 1e-3
+    value_weight_decay: float = 0.0
+    value_grad_clip: float | None = 1.0
+    """Max grad norm of the value tables alone; null disables."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "value_lr", "eps"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "value_weight_decay"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("grad_clip", "value_grad_clip"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, f"must be > 0 or null (no clipping), got {value}")
+
+
+def is_value_param(name: str) -> bool:
+    """True for the parameters of a memory value pool."""
+    return VALUE_PARAM.search(name) is not None
+
+
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """The ``values`` / ``decay`` / ``no_decay`` groups (empty ones left out)."""
+    groups = {
+        "values": {"params": [], "lr": config.value_lr, "weight_decay": config.value_weight_decay},
+        "decay": {"params": [], "lr": config.lr, "weight_decay": config.weight_decay},
+        "no_decay": {"params": [], "lr": config.lr, "weight_decay": 0.0},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_value_param(name):
+            key = "values"
+        elif param.dim() >= 2:
+            key = "decay"
+        else:
+            key = "no_decay"
+        groups[key]["params"].append(param)
+    return [{"name": name, **group} for name, group in groups.items() if group["params"]]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    return torch.optim.AdamW(
+        param_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, config: OptimConfig) -> dict[str, float]:
+    """Clip the value tables and the rest separately; returns both norms before clipping."""
+    values = [p for g in optimizer.param_groups if g.get("name") == "values" for p in g["params"]]
+    others = [p for g in optimizer.param_groups if g.get("name") != "values" for p in g["params"]]
+    norms = {}
+    for key, params, limit in (("grad_norm", others, config.grad_clip), ("value_grad_norm", values, config.value_grad_clip)):
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            continue
+        if limit is None:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        else:
+            norm = nn.utils.clip_grad_norm_(params, limit)
+        norms[key] = float(norm)
+    return norms

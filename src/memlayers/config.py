@@ -61,6 +61,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except ConfigError as error:
                 errors.append(error.rule)
         raise ConfigError(key, "; ".join(errors))
+    if value is None:
+        raise ConfigError(key, "must not be null")
     if origin is Literal:
         choices = get_args(annotation)
         if value not in choices:

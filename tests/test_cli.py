@@ -1,0 +1,33 @@
+"""The command line: info output and one-line config errors."""
+
+import json
+
+from memlayers.cli import main
+from memlayers.config import load_config
+from memlayers.model import count_flops, count_parameters
+from memlayers.train import RunConfig
+
+
+def test_info_json_reports_counts_with_overrides(capsys):
+    assert main(["info", "configs/tiny.yaml", "model.memory.n_keys=32", "--json", "--seq-len", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = load_config(RunConfig, "configs/tiny.yaml", ["model.memory.n_keys=32"])
+    assert report["config"]["model"]["memory"]["n_keys"] == 32
+    assert report["params"]["total"] == count_parameters(config.model).total
+    assert report["flops_per_token"]["total"] == count_flops(config.model, 64).total
+
+
+def test_info_table_shows_layer_layout(capsys):
+    assert main(["info", "configs/paper_373m_memory.yaml"]) == 0
+    out = capsys.readouterr().out
+    layout = out.splitlines()[0].split()[1:25]
+    assert [i for i, kind in enumerate(layout) if kind == "M"] == [4, 12, 20]
+
+
+def test_config_errors_are_one_line_with_exit_code_2(capsys, tmp_path):
+    assert main(["info", "configs/tiny.yaml", "model.memory.knn=100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "model.memory.knn" in err and "n_keys" in err
+    assert main(["info", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

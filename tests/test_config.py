@@ -5,7 +5,14 @@ from typing import Literal
 
 import pytest
 
-from memlayers.config import ConfigError, apply_overrides, from_dict, load_config, load_yaml, to_dict
+from memlayers.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    to_dict,
+)
 from memlayers.train import RunConfig
 
 

@@ -73,7 +73,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             value = [value] if isinstance(value, int) else _split_list(value, key)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"must be a list, got {value!r}")
-        (item_type, *rest) = get_args(annotation) or (Any,)
+        item_type = (get_args(annotation) or (Any,))[0]
         items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(annotation):

@@ -104,7 +104,7 @@ class MemoryLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Read the memory for each position of ``x`` ``(..., dim)``; returns ``(..., dim)``."""
         scores, indices = self.search(x)  # (..., heads, knn)
-        weights = F.softmax(scores.float(), dim=-1)  # (..., heads, knn), fp32
+        weights = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # (..., heads, knn)
         if self.usage is not None:
             self.usage.update(indices)
         indices = indices.flatten(-2)  # (..., heads * knn)

@@ -31,12 +31,26 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(E, dim, hidden_dim))
         self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Router and expert inputs normal(0, std), expert outputs normal(0, out_std or std)."""
+        for weight in (self.router.weight, self.w1, self.w3):
+            nn.init.normal_(weight, std=std)
+        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router probabilities ``(M, E)`` and top-k weights and experts ``(M, k)``."""
-        probs = F.softmax(self.router(x).float(), dim=-1)  # (M, E)
+        """Router probabilities ``(M, E)`` and top-k weights and experts ``(M, k)``.
+
+        With top_k > 1 the weights are renormalised to sum to 1 (Mixtral); with
+        top_k = 1 the weight is the raw probability (Switch), so the task loss
+        still reaches the router.
+        """
+        logits = self.router(x)  # (M, E)
+        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (M, E)
         weights, experts = probs.topk(self.config.top_k, dim=-1)  # (M, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.config.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return probs, weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

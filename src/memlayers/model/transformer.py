@@ -75,9 +75,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(ffn.w3.weight, std=std)
                 nn.init.normal_(ffn.w2.weight, std=residual_std)
             elif isinstance(ffn, MoE):
-                for weight in (ffn.router.weight, ffn.w1, ffn.w3):
-                    nn.init.normal_(weight, std=std)
-                nn.init.normal_(ffn.w2, std=residual_std)
+                ffn.reset_parameters(std, residual_std)
             else:
                 ffn.reset_parameters()
             block.attention_norm.reset_parameters()
@@ -104,7 +102,9 @@ class Transformer(nn.Module):
         aux_loss = torch.stack(moe_losses).sum() if moe_losses else None
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            flat = logits.flatten(0, 1)  # (B*T, vocab)
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
             if aux_loss is not None:
                 loss = loss + self.config.moe.aux_loss_weight * aux_loss
         return LMOutput(logits, loss, aux_loss)

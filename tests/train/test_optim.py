@@ -146,17 +146,25 @@ def _scale_to(params, target: float) -> None:
         p.grad.mul_(scale)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_clip_gradients_clips_values_and_rest_separately(shared):
-    model = _model(memory_layers=(0, 2), memory={"shared_values": shared})
-    config = OptimConfig(grad_clip=2.0, value_grad_clip=0.5)
+def _clip_case(config: OptimConfig, seed: int, value_norm: float, rest_norm: float, **model_kwargs):
+    """An optimizer over a memory model whose value and other gradients have the given norms.
+
+    Returns the optimizer, the value parameters and the other parameters."""
+    model = _model(**{"memory_layers": (1,), **model_kwargs})
     optimizer = build_optimizer(model, config)
     values = _groups(optimizer)["values"]["params"]
     rest = [p for p in model.parameters() if id(p) not in _ids(values)]
-    _set_grads(model, seed=0)
-    _scale_to(values, 7.0)
-    _scale_to(rest, 13.0)
-    before = {id(p): p.grad.clone() for p in model.parameters()}
+    _set_grads(model, seed=seed)
+    _scale_to(values, value_norm)
+    _scale_to(rest, rest_norm)
+    return optimizer, values, rest
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_clip_gradients_clips_values_and_rest_separately(shared):
+    config = OptimConfig(grad_clip=2.0, value_grad_clip=0.5)
+    optimizer, values, rest = _clip_case(config, 0, 7.0, 13.0, memory_layers=(0, 2), memory={"shared_values": shared})
+    before = {id(p): p.grad.clone() for p in values + rest}
 
     norms = clip_gradients(optimizer, config)
     assert norms["value_grad_norm"] == pytest.approx(7.0, rel=1e-5)
@@ -170,14 +178,9 @@ def test_clip_gradients_clips_values_and_rest_separately(shared):
 
 
 def test_clip_gradients_group_below_its_limit_is_untouched():
-    model = _model(memory_layers=(1,))
     config = OptimConfig(grad_clip=1.0, value_grad_clip=1.0)
-    optimizer = build_optimizer(model, config)
-    values = _groups(optimizer)["values"]["params"]
-    rest = [p for p in model.parameters() if id(p) not in _ids(values)]
-    _set_grads(model, seed=1)
-    _scale_to(values, 50.0)  # a huge value gradient must not shrink the rest
-    _scale_to(rest, 0.3)
+    # a huge value gradient must not shrink the rest
+    optimizer, values, rest = _clip_case(config, 1, 50.0, 0.3)
     before = {id(p): p.grad.clone() for p in rest}
     norms = clip_gradients(optimizer, config)
     assert norms["value_grad_norm"] == pytest.approx(50.0, rel=1e-5)
@@ -188,31 +191,19 @@ def test_clip_gradients_group_below_its_limit_is_untouched():
 
 
 def test_clip_gradients_none_limits_clip_nothing():
-    model = _model(memory_layers=(1,))
     config = OptimConfig(grad_clip=None, value_grad_clip=None)
-    optimizer = build_optimizer(model, config)
-    values = _groups(optimizer)["values"]["params"]
-    rest = [p for p in model.parameters() if id(p) not in _ids(values)]
-    _set_grads(model, seed=2)
-    _scale_to(values, 9.0)
-    _scale_to(rest, 11.0)
-    before = {id(p): p.grad.clone() for p in model.parameters()}
+    optimizer, values, rest = _clip_case(config, 2, 9.0, 11.0)
+    before = {id(p): p.grad.clone() for p in values + rest}
     norms = clip_gradients(optimizer, config)
     assert norms["value_grad_norm"] == pytest.approx(9.0, rel=1e-5)
     assert norms["grad_norm"] == pytest.approx(11.0, rel=1e-5)
-    for p in model.parameters():
+    for p in values + rest:
         assert torch.equal(p.grad, before[id(p)])
 
 
 def test_clip_gradients_one_limit_none():
-    model = _model(memory_layers=(1,))
     config = OptimConfig(grad_clip=1.0, value_grad_clip=None)
-    optimizer = build_optimizer(model, config)
-    values = _groups(optimizer)["values"]["params"]
-    rest = [p for p in model.parameters() if id(p) not in _ids(values)]
-    _set_grads(model, seed=3)
-    _scale_to(values, 9.0)
-    _scale_to(rest, 11.0)
+    optimizer, values, rest = _clip_case(config, 3, 9.0, 11.0)
     norms = clip_gradients(optimizer, config)
     assert norms == {
         "grad_norm": pytest.approx(11.0, rel=1e-5),

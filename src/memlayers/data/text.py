@@ -1,8 +1,34 @@
-"""Text formats shared by training data and evaluation."""
+"""Text formats shared by training data and evaluation, and reading a user's files.
+
+Training text is a ``.txt`` file (documents separated by blank lines) or a
+``.jsonl`` file (one JSON object per line with a string field, ``text`` by
+default). Question/answer sets are ``.jsonl`` files with string ``question``
+and ``answer`` fields. Every problem with a file raises :class:`DataError`,
+whose one-line message names the file, the line when there is one, what is
+wrong and what to do, e.g.::
+
+    data/train.jsonl, line 17: not valid JSON (Expecting ',' delimiter); write one JSON object per line
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
 QA_SEPARATOR = "\nAnswer:"
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+"""File types :func:`read_documents` reads."""
+
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+class DataError(ValueError):
+    """A data file (or tokenized data) is missing, malformed or too small."""
 
 
 def qa_prompt(question: str) -> str:
@@ -13,3 +39,128 @@ def qa_prompt(question: str) -> str:
 def qa_text(question: str, answer: str) -> str:
     """A question and its answer as one training document."""
     return f"{qa_prompt(question)} {answer.strip()}"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` via a temp file in the same folder and ``os.replace``.
+
+    A reader never sees a half-written file: it finds the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Write ``records`` as JSON Lines (one object per line, UTF-8), atomically."""
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    return write_text_atomic(path, "".join(lines))
+
+
+def _read_text(path: Path, suffixes: tuple[str, ...], what: str) -> str:
+    """The UTF-8 contents of ``path``, after checking it is an existing file of a known type."""
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist; pass the path of {what}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the path of {what}")
+    if path.suffix.lower() not in suffixes:
+        kinds = " or ".join(suffixes)
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix or '(none)'!r}; use a {kinds} file"
+        )
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not valid UTF-8 text; save the file as UTF-8"
+        ) from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file."""
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({error.msg}); write one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}, line {number}: expected a JSON object, got {type(record).__name__}; "
+                "write one object per line"
+            )
+        records.append((number, record))
+    return records
+
+
+def _string_field(path: Path, number: int, record: dict[str, Any], field: str) -> str:
+    """``record[field]``, which must exist and be a string."""
+    if field not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        raise DataError(
+            f"{path}, line {number}: no {field!r} field (keys: {keys}); add a string {field!r}"
+        )
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{path}, line {number}: field {field!r} must be a string, got {type(value).__name__}"
+        )
+    return value
+
+
+def read_documents(path: str | Path, field: str = "text") -> list[str]:
+    """The documents of a ``.txt`` or ``.jsonl`` file.
+
+    ``.txt``: documents are separated by one or more blank lines; each
+    paragraph (inner newlines kept, outer whitespace stripped) is one document.
+    ``.jsonl``: one JSON object per line whose string field ``field`` is a
+    document; blank lines are skipped. Raises :class:`DataError` for a missing
+    file, a directory, another file type, a file with no documents, or a bad line.
+    """
+    path = Path(path)
+    text = _read_text(path, TEXT_SUFFIXES, "a .txt or .jsonl file of training text")
+    if path.suffix.lower() == ".txt":
+        documents = [part.strip() for part in _BLANK_LINES.split(text)]
+        documents = [doc for doc in documents if doc]
+    else:
+        documents = [
+            _string_field(path, n, record, field) for n, record in _jsonl_records(path, text)
+        ]
+    if not documents:
+        raise DataError(f"{path}: contains no documents; add text to the file")
+    return documents
+
+
+def read_qa(path: str | Path) -> list[dict[str, Any]]:
+    """Question/answer records from a ``.jsonl`` file with string ``question`` and ``answer`` fields.
+
+    Other fields (e.g. ``person``, ``attribute``) are kept. Raises
+    :class:`DataError` in the same cases as :func:`read_documents`.
+    """
+    path = Path(path)
+    text = _read_text(path, (".jsonl",), 'a .jsonl file of {"question": ..., "answer": ...} lines')
+    records = []
+    for number, record in _jsonl_records(path, text):
+        _string_field(path, number, record, "question")
+        _string_field(path, number, record, "answer")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: contains no question/answer pairs; add one JSON object per line")
+    return records

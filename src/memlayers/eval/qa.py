@@ -1,0 +1,187 @@
+"""Closed-book question answering: exact match of greedy answers and answer NLL.
+
+Each question is shown as :func:`memlayers.data.text.qa_prompt` (after BOS when
+the tokenizer has one); the gold answer follows after a space, as in
+:func:`memlayers.data.text.qa_text`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlayers.data.text import qa_prompt
+from memlayers.eval.generate import generate, length_buckets
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+class TextCodec(Protocol):
+    """What evaluation needs from a tokenizer."""
+
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence id, or None when the tokenizer has none."""
+        ...
+
+    @property
+    def eos_id(self) -> int | None:
+        """End-of-sequence id, or None when the tokenizer has none."""
+        ...
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally with BOS first and EOS last."""
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ``ids``."""
+        ...
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower-case, drop punctuation and the articles
+    a/an/the (whole words), collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> bool:
+    """Whether ``prediction`` and ``gold`` are equal after :func:`normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+@dataclass
+class QAResult:
+    """Scores of :func:`evaluate_qa`.
+
+    ``exact_match`` is the fraction of questions answered exactly;
+    ``answer_nll`` the teacher-forced negative log-likelihood of the gold
+    answers in nats per answer token (token-weighted over all questions);
+    ``predictions`` has one dict per question with keys ``question``,
+    ``answer``, ``prediction``, ``correct`` and ``nll`` (that question's mean
+    NLL per answer token).
+    """
+
+    exact_match: float
+    answer_nll: float
+    n: int
+    predictions: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """The scalar scores (no predictions), e.g. for logging."""
+        return {"exact_match": self.exact_match, "answer_nll": self.answer_nll, "n": self.n}
+
+
+def _answer_nll(
+    model: nn.Module,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    batch_size: int,
+) -> list[tuple[float, int]]:
+    """Per question, the summed NLL (nats) of its answer tokens given its prompt, and their count.
+
+    Each sequence is ``prompt + answer``, cropped on the left to
+    ``model.config.max_seq_len + 1`` tokens (the model reads all but the
+    last); sequences of equal length share a batch.
+    """
+    max_len = model.config.max_seq_len
+    device = next(model.parameters()).device
+    sequences = [(p + a)[-(max_len + 1) :] for p, a in zip(prompts, answers, strict=True)]
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    for indices in length_buckets([len(s) for s in sequences], batch_size):
+        batch = [sequences[i] for i in indices]
+        tokens = torch.tensor(batch, dtype=torch.long, device=device)  # (B, T)
+        n_answer = torch.tensor([len(answers[i]) for i in indices], device=device)  # (B,)
+        span = int(n_answer.max())  # the last `span` targets hold every row's answer
+        logits = model(tokens[:, :-1]).logits[:, -span:]  # (B, span, V): position t predicts t+1
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = F.log_softmax(logits, dim=-1)  # (B, span, V)
+        target_lp = log_probs.gather(-1, tokens[:, -span:, None]).squeeze(-1)  # (B, span)
+        position = torch.arange(span, device=device)  # (span,)
+        is_answer = position >= span - n_answer[:, None]  # (B, span): each row's last n targets
+        nll = -torch.where(is_answer, target_lp, 0.0).sum(dim=1)  # (B,)
+        for index, value, count in zip(indices, nll.tolist(), n_answer.tolist(), strict=True):
+            results[index] = (value, count)
+    return results
+
+
+@torch.no_grad()
+def evaluate_qa(
+    model: nn.Module,
+    tokenizer: TextCodec,
+    pairs: list[dict],
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> QAResult:
+    """Exact match and gold-answer NLL of ``model`` on question/answer ``pairs``.
+
+    ``pairs`` are dicts with ``"question"`` and ``"answer"``. Prompt ids are
+    ``tokenizer.encode(qa_prompt(question), bos=True)`` (without BOS when
+    ``tokenizer.bos_id`` is None); gold ids are ``tokenizer.encode(" " + answer)``
+    (answer stripped, as in ``qa_text``).
+
+    Exact match: greedy generation of up to ``max_new_tokens`` tokens, stopping
+    at EOS (when the tokenizer has one, dropped before decoding); the decoded
+    text is cut at its first newline, stripped and compared with the gold
+    answer by :func:`exact_match`. Answer NLL: teacher-forced, in nats per
+    answer token, computed in float32 or better. Both run batched, at most
+    ``batch_size`` sequences of equal length at a time, with the model in eval
+    mode; its train/eval mode is restored afterwards.
+    """
+    if not pairs:
+        raise ValueError("pairs is empty: nothing to evaluate")
+    max_len = model.config.max_seq_len
+    use_bos = tokenizer.bos_id is not None
+    prompts = [tokenizer.encode(qa_prompt(pair["question"]), bos=use_bos) for pair in pairs]
+    answers = [tokenizer.encode(" " + pair["answer"].strip()) for pair in pairs]
+    for pair, answer in zip(pairs, answers, strict=True):
+        if not pair["answer"].strip():
+            raise ValueError(f"empty answer for question {pair['question']!r}")
+        if not 1 <= len(answer) <= max_len:
+            raise ValueError(
+                f"answer {pair['answer']!r} has {len(answer)} tokens; "
+                f"need 1 to max_seq_len = {max_len}"
+            )
+    eos = tokenizer.eos_id
+    stop_ids = () if eos is None else (eos,)
+
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = generate(model, prompts, max_new_tokens, stop_ids=stop_ids, batch_size=batch_size)
+        nlls = _answer_nll(model, prompts, answers, batch_size)
+    finally:
+        model.train(was_training)
+
+    predictions = []
+    for pair, ids, (nll_sum, n_tokens) in zip(pairs, outputs, nlls, strict=True):
+        if eos is not None and ids and ids[-1] == eos:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids).split("\n", 1)[0].strip()
+        predictions.append(
+            {
+                "question": pair["question"],
+                "answer": pair["answer"],
+                "prediction": text,
+                "correct": exact_match(text, pair["answer"]),
+                "nll": nll_sum / n_tokens,
+            }
+        )
+    total_nll = math.fsum(s for s, _ in nlls)
+    total_tokens = sum(n for _, n in nlls)
+    return QAResult(
+        exact_match=sum(p["correct"] for p in predictions) / len(predictions),
+        answer_nll=total_nll / total_tokens,
+        n=len(predictions),
+        predictions=predictions,
+    )

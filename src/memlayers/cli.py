@@ -1,10 +1,11 @@
-"""The ``memlayers`` command line: ``memlayers info | demo``."""
+"""The ``memlayers`` command line: ``info | train | eval | generate | demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from memlayers.config import ConfigError, load_config, to_dict
 
@@ -15,6 +16,12 @@ def _human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def _table(rows: dict[str, float]) -> str:
+    """A two-column table of metric names and values."""
+    width = max(len(k) for k in rows)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows.items())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -39,11 +46,78 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Train dense and memory models on a synthetic fact table and compare."""
-    from memlayers.demo import run_smoke_demo
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train from a YAML preset with overrides; ``--resume`` continues the run."""
+    from memlayers.train.config import RunConfig
+    from memlayers.train.trainer import Trainer
 
-    run_smoke_demo(steps=args.steps, seed=args.seed)
+    config = load_config(RunConfig, args.config, args.overrides)
+    summary = Trainer(config, resume=args.resume).fit()
+    print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+    print(f"checkpoint   {summary['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Factual QA (exact match, answer NLL) and held-out perplexity of a checkpoint."""
+    from memlayers.data.packing import pack_documents
+    from memlayers.data.text import read_documents, read_qa
+    from memlayers.eval.perplexity import evaluate_perplexity
+    from memlayers.eval.qa import evaluate_qa
+    from memlayers.train.pretrained import load_pretrained
+    from memlayers.train.trainer import pick_device
+
+    if args.qa is None and args.text is None:
+        raise ConfigError("", "give --qa FILE and/or --text FILE to evaluate")
+    model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device))
+    results: dict[str, float] = {}
+    predictions = []
+    if args.qa is not None:
+        pairs = read_qa(args.qa)[: args.limit or None]
+        qa = evaluate_qa(model, tokenizer, pairs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        results.update({"qa_exact_match": qa.exact_match, "answer_nll": qa.answer_nll, "qa_n": qa.n})
+        predictions = qa.predictions
+    if args.text is not None:
+        documents = read_documents(args.text)
+        rows = pack_documents(tokenizer.encode_batch(documents), config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+        device = next(model.parameters()).device
+        ppl = evaluate_perplexity(model, rows.to(device), batch_size=args.batch_size)
+        results.update({"text_loss": ppl["loss"], "perplexity": ppl["perplexity"], "text_tokens": ppl["tokens"]})
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps({"results": results, "predictions": predictions}, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(_table(results))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the prompt's continuation."""
+    import torch
+
+    from memlayers.eval.generate import generate
+    from memlayers.train.pretrained import load_pretrained
+    from memlayers.train.trainer import pick_device
+
+    model, tokenizer, _ = load_pretrained(args.checkpoint, pick_device(args.device))
+    ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None)
+    generator = torch.Generator().manual_seed(args.seed)
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   stop_ids=stop, generator=generator)[0]
+    print(args.prompt + tokenizer.decode([t for t in new if t not in stop]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Figure 1 in miniature: dense, memory at several sizes, MoE and a 4x-FLOPs dense model."""
+    from memlayers.demo import run_demo
+    from memlayers.demo.report import summary_lines
+
+    results = run_demo(quick=args.quick, out_dir=args.out, overrides=args.overrides, preset=args.preset)
+    print("\n".join(summary_lines(results)))
+    print(f"wrote {args.out}/results.json, figure.png and report.md in {results['seconds'] / 60:.1f} min")
     return 0
 
 
@@ -59,21 +133,62 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="short training of dense vs memory models on a synthetic fact table")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="train a model (one process: CPU or one GPU)")
+    train.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 train.out_dir=runs/a")
+    train.add_argument("--resume", nargs="?", const=True, default=False,
+                       help="continue from the latest checkpoint in train.out_dir (or the given checkpoint)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="factual QA and perplexity of a checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
+    evaluate.add_argument("--qa", help="QA .jsonl with question and answer fields")
+    evaluate.add_argument("--text", help="held-out text (.txt or .jsonl) for perplexity")
+    evaluate.add_argument("--limit", type=int, default=0, help="first N QA pairs only (0: all)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", help="write results and per-question predictions as JSON")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="dense vs memory sizes vs MoE vs 4x dense on a synthetic fact world")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset, e.g. train.steps=200")
+    demo.add_argument("--quick", action="store_true", help="the smaller preset (under 5 minutes on 2 cores)")
+    demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    demo.add_argument("--preset", help="a demo YAML instead of configs/demo.yaml")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a config problem is one line on stderr and exit code 2."""
+    """Entry point: a config, data, checkpoint or training problem is one line on stderr, exit 2."""
+    from memlayers.data.text import DataError
+    from memlayers.train.checkpoint import CheckpointError
+    from memlayers.train.trainer import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as error:
         print(f"memlayers: config error: {error}", file=sys.stderr)
-        return 2
+    except DataError as error:
+        print(f"memlayers: data error: {error}", file=sys.stderr)
+    except CheckpointError as error:
+        print(f"memlayers: checkpoint error: {error}", file=sys.stderr)
+    except TrainingError as error:
+        print(f"memlayers: training stopped: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -169,11 +169,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def presets() -> list[str]:
+    """Names of the YAML presets shipped with memlayers."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path as given, or a shipped preset by name (``tiny`` -> configs/tiny.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    raise ConfigError("", f"config file {path} does not exist; pass a YAML file or a preset name ({', '.join(presets())})")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one clear error for a missing or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("", f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

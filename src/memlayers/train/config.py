@@ -3,9 +3,86 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from memlayers.config import check
+from memlayers.data.facts import FactWorldConfig
 from memlayers.model.config import ModelConfig
 from memlayers.train.optim import OptimConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenised and packed.
+
+    Without ``train`` a synthetic fact world (``facts``) is generated into the
+    run directory and provides the training text, held-out text and QA pairs.
+    """
+
+    train: str | None = None
+    """Training text: a .txt file (blank-line separated documents) or .jsonl (``text_field``)."""
+    heldout: str | None = None
+    """Held-out text for perplexity (.txt or .jsonl)."""
+    qa: str | None = None
+    """Question/answer pairs (.jsonl with question and answer) for factual QA."""
+    text_field: str = "text"
+    tokenizer: str | None = None
+    """An existing tokenizer.json; without it a byte-level BPE is trained on the training text."""
+    vocab_size: int = 2048
+    """Vocabulary of a trained tokenizer (model.vocab_size follows the tokenizer)."""
+    seq_len: int = 128
+    facts: FactWorldConfig = field(default_factory=FactWorldConfig)
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 300, "vocab_size", f"must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, schedule, logging, evaluation, checkpoints."""
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on GPU, float32 on CPU."""
+    threads: int | None = None
+    """torch CPU threads; null leaves torch's default."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Steps between evaluations; 0 evaluates only at the end."""
+    eval_qa: int = 500
+    """QA pairs used by periodic evaluation (0: all)."""
+    eval_batches: int = 20
+    """Held-out batches used for perplexity (0: all)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 2
+    track_usage: bool = True
+    """Log memory slot coverage and KL from uniform."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_qa", "eval_batches", "checkpoint_every"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
 
 
 @dataclass
@@ -14,3 +91,5 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

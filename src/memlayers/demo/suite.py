@@ -1,0 +1,114 @@
+"""The demo's comparison: which models are trained, built from one DemoConfig.
+
+All runs share one fact world, one tokenizer and the same number of training
+tokens. The suite is
+
+    dense       the baseline;
+    memory-N    the same model with the FFN of ``memory_layers`` replaced by
+                Memory+ layers (one shared pool of N = n_keys**2 slots), one
+                run per entry of ``memory_sizes``; FLOPs within 10% of dense;
+    moe         routed experts in the same layers, matched to the largest
+                memory model in active FLOPs and total parameters;
+    dense-big   a wider and deeper dense model with >= 4x the FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from memlayers.config import check
+from memlayers.data.facts import FactWorldConfig
+from memlayers.memory.config import MemoryConfig
+from memlayers.model.accounting import count_flops, count_parameters
+from memlayers.model.config import ModelConfig, MoEConfig
+from memlayers.train.config import DataConfig, RunConfig, TrainConfig
+from memlayers.train.optim import OptimConfig
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo trains; presets in configs/demo.yaml and configs/demo_quick.yaml."""
+
+    facts: FactWorldConfig = field(default_factory=FactWorldConfig)
+    vocab_size: int = 2048
+    seq_len: int = 128
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=64, n_layers=4, n_heads=4, multiple_of=32))
+    """The dense baseline (vocab_size and max_seq_len are filled in)."""
+    memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(heads=4, knn=16, k_dim=32, qk_norm=True))
+    """Memory layer template; n_keys comes from memory_sizes."""
+    memory_layers: tuple[int, ...] = (2,)
+    memory_sizes: tuple[int, ...] = (32, 64, 128, 256)
+    """n_keys of each memory run (slots = n_keys**2)."""
+    value_lr_exponent: float = 0.0
+    """value_lr for n slots is optim.value_lr * (n / largest)**exponent."""
+    moe_top_k: int = 1
+    big_dim: int = 128
+    big_layers: int = 6
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: int = 2
+    """Runs trained at once, each in its own process on one CPU thread."""
+
+    def __post_init__(self) -> None:
+        check(len(self.memory_sizes) >= 1, "memory_sizes", "must list at least one n_keys")
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.big_dim % self.model.n_heads == 0, "big_dim", f"must be divisible by model.n_heads={self.model.n_heads}")
+
+
+@dataclass
+class DemoRun:
+    """One model of the comparison."""
+
+    name: str
+    kind: str
+    """dense | memory | moe | dense_big"""
+    memory_slots: int
+    config: RunConfig
+
+
+def _moe_for(base: ModelConfig, target: ModelConfig, layers: tuple[int, ...], top_k: int) -> MoEConfig:
+    """Experts in ``layers`` with the target's active FLOPs and total parameters."""
+    target_flops = count_flops(target).total
+    target_params = count_parameters(target).total
+    dim = base.dim
+    dense_flops = count_flops(base).total - len(layers) * 2 * 3 * dim * base.ffn_hidden
+    # per MoE layer: top_k experts of 3*dim*hidden params (2 FLOPs each) plus the router
+    per_layer_flops = (target_flops - dense_flops) / len(layers)
+    hidden = max(1, round(per_layer_flops / (top_k * 6 * dim)))
+    dense_params = count_parameters(base).total - len(layers) * 3 * dim * base.ffn_hidden
+    per_layer_params = (target_params - dense_params) / len(layers)
+    n_experts = max(top_k, math.floor(per_layer_params / (3 * dim * hidden)))
+    return MoEConfig(n_experts=n_experts, top_k=top_k, hidden_dim=hidden)
+
+
+def build_runs(demo: DemoConfig, data: DataConfig, out_dir: str, vocab_size: int) -> list[DemoRun]:
+    """The RunConfigs of the whole comparison, writing under ``out_dir/runs``.
+
+    ``vocab_size`` is the shared tokenizer's, so FLOP matching sees the real output head.
+    """
+    base = dataclasses.replace(
+        demo.model, vocab_size=vocab_size, max_seq_len=demo.seq_len, memory_layers=(), moe_layers=()
+    )
+
+    def run_config(name: str, model: ModelConfig, optim: OptimConfig) -> RunConfig:
+        train = dataclasses.replace(demo.train, out_dir=f"{out_dir}/runs/{name}", threads=1)
+        return RunConfig(model=model, optim=optim, data=data, train=train)
+
+    runs = [DemoRun("dense", "dense", 0, run_config("dense", base, demo.optim))]
+    largest = max(demo.memory_sizes) ** 2
+    memory_models = []
+    for n_keys in sorted(demo.memory_sizes):
+        memory = dataclasses.replace(demo.memory, n_keys=n_keys, knn=min(demo.memory.knn, n_keys))
+        model = dataclasses.replace(base, memory_layers=demo.memory_layers, memory=memory)
+        value_lr = demo.optim.value_lr * (n_keys**2 / largest) ** demo.value_lr_exponent
+        optim = dataclasses.replace(demo.optim, value_lr=value_lr)
+        runs.append(DemoRun(f"memory-{n_keys}x{n_keys}", "memory", n_keys**2, run_config(f"memory-{n_keys}", model, optim)))
+        memory_models.append(model)
+    moe = _moe_for(base, memory_models[-1], demo.memory_layers, demo.moe_top_k)
+    moe_model = dataclasses.replace(base, moe_layers=demo.memory_layers, moe=moe)
+    runs.append(DemoRun("moe", "moe", 0, run_config("moe", moe_model, demo.optim)))
+    big = dataclasses.replace(base, dim=demo.big_dim, n_layers=demo.big_layers)
+    runs.append(DemoRun("dense-big", "dense_big", 0, run_config("dense-big", big, demo.optim)))
+    return runs

@@ -1,0 +1,277 @@
+"""The single-process training loop (CPU or one GPU).
+
+``Trainer(config).fit()`` prepares the data (a fact world unless the config
+names files), trains with warmup + decay, gradient accumulation and separate
+clipping of the value tables, evaluates periodically, logs metrics, and writes
+atomic checkpoints. ``Trainer(config, resume=True)`` continues the run in
+``train.out_dir`` from its latest checkpoint so exactly that the losses equal
+those of an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from memlayers.config import to_dict
+from memlayers.data.facts import generate_world, write_world
+from memlayers.data.packing import BatchIterator, pack_documents
+from memlayers.data.text import read_documents, read_qa
+from memlayers.data.tokenizer import Tokenizer
+from memlayers.eval.perplexity import evaluate_perplexity
+from memlayers.eval.qa import evaluate_qa
+from memlayers.model.accounting import count_flops, count_parameters
+from memlayers.model.transformer import Transformer
+from memlayers.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from memlayers.train.config import RunConfig
+from memlayers.train.metrics import MetricsLogger
+from memlayers.train.optim import build_optimizer, clip_gradients
+from memlayers.train.schedule import lr_factor
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says what to do."""
+
+
+@dataclass
+class PreparedData:
+    """Tokenised, packed data of a run."""
+
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    train_rows: torch.Tensor
+    """``(n, seq_len + 1)`` packed training sequences."""
+    heldout_rows: torch.Tensor | None
+    qa_pairs: list[dict]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return device
+
+
+def prepare_data(config: RunConfig, run_dir: Path) -> PreparedData:
+    """Read (or generate) the run's text, train or load its tokenizer, pack sequences.
+
+    A tokenizer already saved in ``run_dir`` is reused, so a resumed run
+    tokenises exactly as before.
+    """
+    data = config.data
+    heldout_path, qa_path = data.heldout, data.qa
+    if data.train is None:
+        world_dir = run_dir / "data"
+        files = write_world(generate_world(data.facts), world_dir)
+        train_path = files["train"]
+        if heldout_path is None and data.facts.heldout_people > 0:
+            heldout_path = files["heldout"]
+        qa_path = qa_path or files["qa"]
+    else:
+        train_path = data.train
+    documents = read_documents(train_path, field=data.text_field)
+    tokenizer_path = run_dir / "tokenizer.json"
+    if tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(tokenizer_path)
+    elif data.tokenizer is not None:
+        tokenizer = Tokenizer.load(data.tokenizer)
+    else:
+        tokenizer = Tokenizer.train(documents, data.vocab_size)
+    tokenizer.save(tokenizer_path)
+
+    def pack(docs: list[str]) -> torch.Tensor:
+        return pack_documents(tokenizer.encode_batch(docs), data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+
+    heldout_rows = pack(read_documents(heldout_path, field=data.text_field)) if heldout_path else None
+    qa_pairs = read_qa(qa_path) if qa_path else []
+    return PreparedData(tokenizer, tokenizer_path, pack(documents), heldout_rows, qa_pairs)
+
+
+class Trainer:
+    """Trains a :class:`Transformer` as a :class:`RunConfig` says."""
+
+    def __init__(self, config: RunConfig, resume: bool | str | Path = False):
+        self.run_dir = Path(config.train.out_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tcfg = config.train
+        if tcfg.threads is not None:
+            torch.set_num_threads(tcfg.threads)
+        random.seed(tcfg.seed)
+        torch.manual_seed(tcfg.seed)
+        self.device = pick_device(tcfg.device)
+        self.data = prepare_data(config, self.run_dir)
+        # the model's vocabulary is the tokenizer's
+        model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
+        self.config = dataclasses.replace(config, model=model_config)
+        self.model = Transformer(model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.batches = BatchIterator(self.data.train_rows, tcfg.batch_size, tcfg.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        if resume:
+            checkpoint = load_checkpoint(self.run_dir if resume is True else resume, self.model, self.optimizer)
+            self.step = checkpoint.step
+            self.tokens_seen = checkpoint.state.get("tokens_seen", 0)
+            self.batches.load_state_dict(checkpoint.state["data"])
+            set_rng_state(checkpoint.state["rng"])
+        if tcfg.track_usage:
+            for layer in self.model.memory_layers():
+                layer.track_usage(window=max(1, tcfg.log_every))
+        self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on GPU when precision allows, nothing otherwise."""
+        precision = self.config.train.precision
+        use_bf16 = precision == "bfloat16" or (precision == "auto" and self.device.type == "cuda")
+        if not use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def set_learning_rates(self) -> float:
+        """Apply the schedule for the current step; returns the factor."""
+        tcfg, ocfg = self.config.train, self.config.optim
+        factor = lr_factor(self.step, tcfg.steps, tcfg.warmup_steps, tcfg.schedule, tcfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = factor * (ocfg.value_lr if group["name"] == "values" else ocfg.lr)
+        return factor
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        tcfg = self.config.train
+        factor = self.set_learning_rates()
+        total = torch.zeros((), device=self.device)
+        for _ in range(tcfg.grad_accum):
+            inputs, targets = next(self.batches)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast():
+                loss = self.model(inputs, targets).loss / tcfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+            self.tokens_seen += inputs.numel()
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = list_checkpoints(self.run_dir)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise TrainingError(
+                f"loss is {loss_value} at step {self.step + 1}; stopped without saving ({where}). "
+                "Lower optim.lr / optim.value_lr or check the data, then resume with --resume."
+            )
+        norms = clip_gradients(self.optimizer, self.config.optim)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_value, "lr": factor * self.config.optim.lr, **norms}
+
+    def usage_stats(self) -> dict[str, float]:
+        """Slot coverage and KL from uniform of each memory layer's recent reads."""
+        stats = {}
+        for block in self.model.layers:
+            usage = getattr(block.ffn, "usage", None)
+            if usage is not None:
+                for key, value in usage.stats().items():
+                    stats[f"memory{block.layer}/{key}"] = value
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, full: bool = False) -> dict[str, float]:
+        """Held-out perplexity and factual QA (subsets unless ``full``)."""
+        tcfg = self.config.train
+        results: dict[str, float] = {}
+        with self.autocast():
+            if self.data.heldout_rows is not None:
+                rows = self.data.heldout_rows
+                if not full and tcfg.eval_batches:
+                    rows = rows[: tcfg.eval_batches * tcfg.batch_size]
+                ppl = evaluate_perplexity(self.model, rows.to(self.device), batch_size=tcfg.batch_size)
+                results.update({"heldout_loss": ppl["loss"], "heldout_ppl": ppl["perplexity"]})
+            if self.data.qa_pairs:
+                pairs = self.data.qa_pairs if full or not tcfg.eval_qa else self.data.qa_pairs[: tcfg.eval_qa]
+                qa = evaluate_qa(self.model, self.data.tokenizer, pairs, batch_size=4 * tcfg.batch_size)
+                results.update({"qa_em": qa.exact_match, "answer_nll": qa.answer_nll})
+        return results
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step."""
+        state: dict[str, Any] = {
+            "config": to_dict(self.config),
+            "rng": rng_state(),
+            "data": self.batches.state_dict(),
+            "tokens_seen": self.tokens_seen,
+        }
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            tokenizer_path=self.data.tokenizer_path,
+            keep_last=self.config.train.keep_last,
+        )
+
+    def fit(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Train to ``train.steps``; returns the final metrics and throughput.
+
+        ``on_step(step)`` is called after every optimizer step (the demo uses
+        it to drive one progress bar over several runs).
+        """
+        tcfg = self.config.train
+        params = count_parameters(self.config.model)
+        flops = count_flops(self.config.model, self.config.data.seq_len)
+        bar = tqdm(total=tcfg.steps, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True)
+        start, start_tokens, trained = time.perf_counter(), self.tokens_seen, 0
+        try:
+            while self.step < tcfg.steps:
+                metrics = self.train_step()
+                trained += 1
+                elapsed = time.perf_counter() - start
+                tokens_per_s = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
+                    metrics.update(tokens=self.tokens_seen, tokens_per_s=tokens_per_s, **self.usage_stats())
+                    self.logger.log(self.step, metrics)
+                if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps:
+                    self.logger.log(self.step, self.evaluate())
+                if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        final = self.evaluate(full=True)
+        self.logger.log(self.step, final)
+        self.logger.close()
+        checkpoint = self.save()
+        return {
+            **final,
+            "step": self.step,
+            "checkpoint": str(checkpoint),
+            "tokens_per_s": (self.tokens_seen - start_tokens) / max(seconds, 1e-9) if trained else 0.0,
+            "params": params.total,
+            "memory_params": params.memory,
+            "active_params": params.active,
+            "flops_per_token": flops.total,
+        }

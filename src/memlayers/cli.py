@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from memlayers.train.trainer import Trainer
 
     config = load_config(RunConfig, args.config, args.overrides)
-    summary = Trainer(config, resume=args.resume).fit()
+    summary = Trainer(config, resume=args.resume_from or args.resume).fit()
     print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
     print(f"checkpoint   {summary['checkpoint']}")
     return 0
@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (one process: CPU or one GPU)")
     train.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 train.out_dir=runs/a")
-    train.add_argument("--resume", nargs="?", const=True, default=False,
-                       help="continue from the latest checkpoint in train.out_dir (or the given checkpoint)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    train.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="factual QA and perplexity of a checkpoint")

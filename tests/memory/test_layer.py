@@ -24,7 +24,7 @@ def naive_read(layer, x):
     outputs = []
     for token in flat:
         scores, slots = layer.slot_scores(token).topk(cfg.knn, dim=-1)  # (heads, knn)
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores / cfg.temperature, dim=-1)
         y = 0
         for h in range(cfg.heads):
             for i in range(cfg.knn):
@@ -37,9 +37,9 @@ def naive_read(layer, x):
     return torch.stack(outputs).reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("value_dim", [None, 20])
-def test_memory_plus_equals_naive(value_dim):
-    layer = make_layer(value_dim=value_dim)
+@pytest.mark.parametrize("value_dim,temperature", [(None, 1.0), (20, 1.0), (None, 0.1)])
+def test_memory_plus_equals_naive(value_dim, temperature):
+    layer = make_layer(value_dim=value_dim, temperature=temperature)
     x = torch.randn(2, 4, DIM, dtype=torch.float64)
     y = naive_read(layer, x)
     expected = layer.w2(y * F.silu(layer.w1(x)))

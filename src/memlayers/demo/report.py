@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         return []
     largest = memory[-1]
     ratio = largest["qa_em"] / dense["qa_em"] if dense["qa_em"] > 0 else float("inf")
-    rising = all(a["qa_em"] <= b["qa_em"] for a, b in zip(memory, memory[1:]))
+    rising = all(a["qa_em"] <= b["qa_em"] for a, b in itertools.pairwise(memory))
     flops = max(abs(r["flops_per_token"] / dense["flops_per_token"] - 1) for r in memory)
     return [
         f"- Largest memory ({largest['name']}) exact match {largest['qa_em']:.1%} vs dense {dense['qa_em']:.1%}: "
@@ -117,7 +119,8 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         "Reproduce:",
         "",
         "```bash",
-        f"memlayers demo{' --quick' if quick else ''} --out {out_dir}" + "".join(f" {o}" for o in overrides),
+        f"memlayers demo{' --quick' if quick else ''} --out {shlex.quote(str(out_dir))}"
+        + "".join(f" {shlex.quote(o)}" for o in overrides),
         "```",
     ]
     if ABLATIONS.is_file():

@@ -53,6 +53,11 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check(len(self.memory_sizes) >= 1, "memory_sizes", "must list at least one n_keys")
+        check(
+            len(set(self.memory_sizes)) == len(self.memory_sizes),
+            "memory_sizes",
+            f"lists a size twice: {list(self.memory_sizes)}",
+        )
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.big_dim % self.model.n_heads == 0, "big_dim", f"must be divisible by model.n_heads={self.model.n_heads}")
 
@@ -111,4 +116,22 @@ def build_runs(demo: DemoConfig, data: DataConfig, out_dir: str, vocab_size: int
     runs.append(DemoRun("moe", "moe", 0, run_config("moe", moe_model, demo.optim)))
     big = dataclasses.replace(base, dim=demo.big_dim, n_layers=demo.big_layers)
     runs.append(DemoRun("dense-big", "dense_big", 0, run_config("dense-big", big, demo.optim)))
+    check_matching(runs)
     return runs
+
+
+def check_matching(runs: list[DemoRun], tolerance: float = 0.10) -> None:
+    """Memory runs within ``tolerance`` of dense FLOPs and dense-big >= 4x, or a ConfigError."""
+    flops = {run.name: count_flops(run.config.model).total for run in runs}
+    dense = flops["dense"]
+    for run in runs:
+        ratio = flops[run.name] / dense
+        if run.kind == "memory":
+            check(
+                abs(ratio - 1) <= tolerance,
+                "memory",
+                f"{run.name} has {ratio:.2f}x the dense FLOPs/token (allowed 1 +- {tolerance}); "
+                "adjust memory.heads, memory.k_dim or memory_sizes",
+            )
+        if run.kind == "dense_big":
+            check(ratio >= 4, "big_dim", f"dense-big has {ratio:.2f}x the dense FLOPs/token; raise big_dim or big_layers")

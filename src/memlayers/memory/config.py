@@ -32,6 +32,9 @@ class MemoryConfig:
     peer: each slot is a one-neuron expert, out = sum w * gelu(u . x) * v."""
     qk_norm: bool = False
     """L2-normalise query halves and sub-keys before the dot products."""
+    temperature: float = 1.0
+    """Softmax temperature of the selected scores (selection itself is unaffected).
+    With qk_norm the scores lie in [-2, 2], so a temperature below 1 sharpens the read."""
     gated: bool = False
     """Multiply the output by a scalar input-dependent gate sigmoid(w . x)."""
     query_bias: bool = True
@@ -49,6 +52,7 @@ class MemoryConfig:
             f"must be <= n_keys ({self.n_keys}): each half keeps its top-knn sub-keys, got {self.knn}",
         )
         check(self.k_dim >= 2, "k_dim", f"must be >= 2, got {self.k_dim}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.k_dim % 2 == 0, "k_dim", f"must be even (it is split into two halves), got {self.k_dim}")
         check(
             self.value_dim is None or self.value_dim >= 1,

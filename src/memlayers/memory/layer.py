@@ -3,7 +3,7 @@
 Per token x (already normalised by the block), with heads h and selected slots i:
 
     scores, slots = top-knn product-key search of q = W_q x + b
-    w = softmax(scores)                           (per head, fp32)
+    w = softmax(scores / temperature)             (per head, fp32)
     y = sum_h sum_i w_hi * V[slot_hi]             (the embedding bag)
     plus:  out = W_2 (y * silu(W_1 x))            (Memory+, the default)
     plain: out = y, or W_2 y when value_dim != dim
@@ -89,7 +89,7 @@ class MemoryLayer(nn.Module):
             self.pool.reset_parameters()
 
     def track_usage(self, window: int = 100) -> UsageTracker:
-        """Start recording slot-read statistics of every forward pass."""
+        """Start recording slot-read statistics of every forward pass in training mode."""
         self.usage = UsageTracker(self.config.n_slots, window, device=self.search.keys.device)
         return self.usage
 
@@ -104,8 +104,9 @@ class MemoryLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Read the memory for each position of ``x`` ``(..., dim)``; returns ``(..., dim)``."""
         scores, indices = self.search(x)  # (..., heads, knn)
-        weights = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # (..., heads, knn)
-        if self.usage is not None:
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        weights = F.softmax(scores / self.config.temperature, dim=-1)  # (..., heads, knn)
+        if self.usage is not None and self.training:
             self.usage.update(indices)
         indices = indices.flatten(-2)  # (..., heads * knn)
         weights = weights.flatten(-2)  # (..., heads * knn)

@@ -162,13 +162,29 @@ def save_checkpoint(
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-writing a step: move the old copy aside, put it back if the swap fails
+        old = _set_aside(final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     if keep_last is not None:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(_set_aside(stale), ignore_errors=True)
     return final
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a checkpoint directory to a hidden name (atomic), so that a crash
+    while deleting it never leaves a half-deleted ``step_<N>`` that looks complete."""
+    hidden = path.with_name(f".old_{path.name}_{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    return hidden
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

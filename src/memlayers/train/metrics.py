@@ -22,7 +22,8 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            # a line torn by a crash does not parse (step -1) and goes too
+            kept = [line for line in self.path.read_text().splitlines() if 0 <= _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._writer = None

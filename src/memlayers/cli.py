@@ -115,6 +115,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from memlayers.demo import run_demo
     from memlayers.demo.report import summary_lines
 
+    if args.ablations:
+        from memlayers.demo.ablations import run_ablations
+
+        run_ablations(args.ablations, args.out)
+        print((Path(args.out) / "ablations.md").read_text())
+        return 0
     results = run_demo(quick=args.quick, out_dir=args.out, overrides=args.overrides, preset=args.preset)
     print("\n".join(summary_lines(results)))
     print(f"wrote {args.out}/results.json, figure.png and report.md in {results['seconds'] / 60:.1f} min")
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="the smaller preset (under 5 minutes on 2 cores)")
     demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     demo.add_argument("--preset", help="a demo YAML instead of configs/demo.yaml")
+    demo.add_argument("--ablations", metavar="FILE", help="train the variants of an ablation YAML instead "
+                      "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
     demo.set_defaults(func=cmd_demo)
     return parser
 

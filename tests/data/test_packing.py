@@ -118,3 +118,26 @@ def test_iterator_errors():
     for bad in ({"epoch": 0}, {"epoch": -1, "position": 0}, {"epoch": 0, "position": 6}):
         with pytest.raises(ValueError, match="state"):
             iterator.load_state_dict(bad)
+
+
+def test_document_batches_repack_every_epoch_and_resume():
+    from memlayers.data import DocumentBatchIterator
+
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 50, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (40,), generator=g)]
+    iterator = DocumentBatchIterator(docs, seq_len=8, bos_id=0, eos_id=1, batch_size=4, seed=5)
+    first = iterator.epoch_rows().clone()
+    n_batches = first.shape[0] // 4
+    for _ in range(n_batches):
+        next(iterator)
+    assert iterator.epoch == 1
+    second = iterator.epoch_rows()
+    assert second.shape == first.shape and not torch.equal(second, first)  # a fresh document order
+    for _ in range(3):
+        next(iterator)
+    state = iterator.state_dict()
+    after = [next(iterator) for _ in range(n_batches + 2)]  # crosses into the next epoch
+    resumed = DocumentBatchIterator(docs, seq_len=8, bos_id=0, eos_id=1, batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(after, [next(resumed) for _ in range(n_batches + 2)], strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)

@@ -56,7 +56,7 @@ def test_overfits_one_fixed_batch(make_config):
         "optim.weight_decay=0",
     )
     trainer = Trainer(config)
-    rows = trainer.data.train_rows[:4]  # (4, seq_len + 1): one batch, every step
+    rows = trainer.batches.epoch_rows()[:4]  # (4, seq_len + 1): one batch, every step
     trainer.batches = BatchIterator(rows, 4, seed=0)
     trainer.fit(progress=False)
     losses = [r["loss"] for r in train_records(trainer.run_dir)]

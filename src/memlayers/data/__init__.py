@@ -8,7 +8,7 @@ from memlayers.data.facts import (
     generate_world,
     write_world,
 )
-from memlayers.data.packing import BatchIterator, pack_documents
+from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
 from memlayers.data.text import (
     QA_SEPARATOR,
     DataError,
@@ -25,6 +25,7 @@ __all__ = [
     "ATTRIBUTES",
     "QA_SEPARATOR",
     "BatchIterator",
+    "DocumentBatchIterator",
     "DataError",
     "FactWorld",
     "FactWorldConfig",

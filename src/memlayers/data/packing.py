@@ -80,11 +80,15 @@ class BatchIterator:
         """The epoch the next batch comes from (= number of completed epochs)."""
         return self._epoch
 
+    def epoch_rows(self) -> torch.Tensor:
+        """The rows of the current epoch, ``(n, L + 1)``."""
+        return self.rows
+
     def _permutation(self) -> torch.Tensor:
         """The row order of the current epoch, ``(n,)``."""
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed + self._epoch)
-            self._order = torch.randperm(self.rows.shape[0], generator=generator)  # (n,)
+            self._order = torch.randperm(self.epoch_rows().shape[0], generator=generator)  # (n,)
         return self._order
 
     def __iter__(self) -> BatchIterator:
@@ -92,9 +96,9 @@ class BatchIterator:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._permutation()[self._position : self._position + self.batch_size]  # (B,)
-        batch = self.rows[index]  # (B, L + 1)
+        batch = self.epoch_rows()[index]  # (B, L + 1)
         self._position += self.batch_size
-        if self._position + self.batch_size > self.rows.shape[0]:  # no full batch left: next epoch
+        if self._position + self.batch_size > self.epoch_rows().shape[0]:  # no full batch left: next epoch
             self._epoch, self._position, self._order = self._epoch + 1, 0, None
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, L), (B, L)
 
@@ -118,3 +122,39 @@ class BatchIterator:
         self._epoch, self._position, self._order = epoch, position, None
         if self._position + self.batch_size > n:  # saved with another batch size at an epoch's end
             self._epoch, self._position = self._epoch + 1, 0
+
+
+class DocumentBatchIterator(BatchIterator):
+    """Like :class:`BatchIterator`, but the documents are shuffled and re-packed every epoch.
+
+    With fixed packing a document always sits after the same neighbours, and a
+    small model trained for many epochs learns those row-specific contexts
+    instead of the documents themselves (a fact is then predicted from the text
+    before it in the row, and not from a fresh prompt). Each epoch here packs
+    the documents in the order of ``torch.randperm`` seeded by ``seed`` and the
+    epoch, so batches stay a pure function of ``(seed, epoch, position)`` and
+    resume exactly.
+    """
+
+    def __init__(
+        self,
+        docs: list[list[int]],
+        seq_len: int,
+        bos_id: int | None,
+        eos_id: int | None,
+        batch_size: int,
+        seed: int,
+    ):
+        self.docs = docs
+        self.seq_len, self.bos_id, self.eos_id = seq_len, bos_id, eos_id
+        self._rows_epoch = -1
+        super().__init__(pack_documents(docs, seq_len, bos_id, eos_id), batch_size, seed)
+
+    def epoch_rows(self) -> torch.Tensor:
+        """The current epoch's rows, packed from a fresh document order."""
+        if self._rows_epoch != self._epoch:
+            generator = torch.Generator().manual_seed(1_000_003 * (self.seed + 1) + self._epoch)
+            order = torch.randperm(len(self.docs), generator=generator).tolist()
+            self.rows = pack_documents([self.docs[i] for i in order], self.seq_len, self.bos_id, self.eos_id)
+            self._rows_epoch = self._epoch
+        return self.rows

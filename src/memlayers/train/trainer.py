@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from memlayers.config import to_dict
 from memlayers.data.facts import generate_world, write_world
-from memlayers.data.packing import BatchIterator, pack_documents
+from memlayers.data.packing import DocumentBatchIterator, pack_documents
 from memlayers.data.text import read_documents, read_qa
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.eval.perplexity import evaluate_perplexity
@@ -56,8 +56,8 @@ class PreparedData:
 
     tokenizer: Tokenizer
     tokenizer_path: Path
-    train_rows: torch.Tensor
-    """``(n, seq_len + 1)`` packed training sequences."""
+    train_docs: list[list[int]]
+    """Tokenised training documents (packed afresh every epoch)."""
     heldout_rows: torch.Tensor | None
     qa_pairs: list[dict]
 
@@ -104,7 +104,7 @@ def prepare_data(config: RunConfig, run_dir: Path) -> PreparedData:
 
     heldout_rows = pack(read_documents(heldout_path, field=data.text_field)) if heldout_path else None
     qa_pairs = read_qa(qa_path) if qa_path else []
-    return PreparedData(tokenizer, tokenizer_path, pack(documents), heldout_rows, qa_pairs)
+    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_pairs)
 
 
 class Trainer:
@@ -125,7 +125,14 @@ class Trainer:
         self.config = dataclasses.replace(config, model=model_config)
         self.model = Transformer(model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.batches = BatchIterator(self.data.train_rows, tcfg.batch_size, tcfg.seed)
+        self.batches = DocumentBatchIterator(
+            self.data.train_docs,
+            config.data.seq_len,
+            self.data.tokenizer.bos_id,
+            self.data.tokenizer.eos_id,
+            tcfg.batch_size,
+            tcfg.seed,
+        )
         self.step = 0
         self.tokens_seen = 0
         if resume:

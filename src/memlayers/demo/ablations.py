@@ -1,0 +1,111 @@
+"""Ablations: named variants of the demo's runs, trained side by side on one world.
+
+An ablation file (``configs/demo_ablations.yaml``) names a demo preset, dotted
+overrides of it, and a list of variants; each variant starts from one run of
+the demo suite (``dense``, ``memory-256x256``, ...) and changes it with
+RunConfig overrides (``optim.value_lr=3e-2``, ``model.memory.knn=8``, ...).
+``memlayers demo --ablations FILE`` trains them all and writes
+``ablations.json`` and ``ablations.md`` (a table for the demo's report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memlayers.config import apply_overrides, check, from_dict, load_config, to_dict
+from memlayers.demo.runner import demo_config, prepare_world, train_suite
+from memlayers.demo.suite import DemoRun, build_runs
+from memlayers.train.config import RunConfig
+
+
+@dataclass
+class Variant:
+    """One row of the ablation table."""
+
+    name: str
+    run: str
+    """The demo run it starts from (dense, memory-NxN, moe, dense-big)."""
+    overrides: tuple[str, ...] = ()
+    """Dotted RunConfig overrides, e.g. optim.value_lr=3e-2."""
+    note: str = ""
+
+
+@dataclass
+class AblationConfig:
+    """A set of variants on one demo world."""
+
+    preset: str = "demo"
+    demo_overrides: tuple[str, ...] = ()
+    variants: list[Variant] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(len(self.variants) >= 1, "variants", "must list at least one variant")
+        names = [v.name for v in self.variants]
+        check(len(set(names)) == len(names), "variants", f"variant names must be unique, got {names}")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def build_variants(ablation: AblationConfig, suite: list[DemoRun], out_dir: Path) -> list[DemoRun]:
+    """DemoRuns for the variants: the named suite run with its overrides applied."""
+    by_name = {run.name: run for run in suite}
+    runs = []
+    for variant in ablation.variants:
+        check(variant.run in by_name, "variants", f"{variant.name}: unknown run {variant.run!r}; choose from {sorted(by_name)}")
+        base = by_name[variant.run]
+        data = apply_overrides(to_dict(base.config), [*variant.overrides, f"train.out_dir={out_dir / 'runs' / _slug(variant.name)}"])
+        config = from_dict(RunConfig, data)
+        slots = config.model.memory.n_slots if config.model.memory_layers else 0
+        runs.append(DemoRun(variant.name, base.kind, slots, config))
+    return runs
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The ablation results as a markdown section."""
+    lines = [
+        f"## {title}",
+        "",
+        "| variant | from | changes | QA EM | answer NLL | held-out ppl | tokens/s | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        changes = ", ".join(f"`{o}`" for o in r["overrides"]) or "-"
+        ppl = f"{r['heldout_ppl']:.2f}" if r.get("heldout_ppl") is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['run']} | {changes} | {r['qa_em']:.1%} | {r['answer_nll']:.3f} | {ppl} | "
+            f"{r['tokens_per_s']:,.0f} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = None) -> list[dict[str, Any]]:
+    """Train every variant of an ablation file; write ablations.json and ablations.md."""
+    start = time.perf_counter()
+    ablation = load_config(AblationConfig, path)
+    demo = demo_config(False, list(ablation.demo_overrides), preset=ablation.preset)
+    out_dir = Path(out_dir)
+    data, tokenizer = prepare_world(demo, out_dir)
+    runs = build_variants(ablation, build_runs(demo, data, str(out_dir), tokenizer.vocab_size), out_dir)
+    summaries = train_suite(runs, workers or demo.workers)
+    rows = [
+        {
+            "name": v.name,
+            "run": v.run,
+            "overrides": list(v.overrides),
+            "note": v.note,
+            **{k: s.get(k) for k in ("qa_em", "answer_nll", "heldout_ppl", "tokens_per_s", "params", "flops_per_token")},
+        }
+        for v, s in zip(ablation.variants, summaries, strict=True)
+    ]
+    minutes = (time.perf_counter() - start) / 60
+    world = ", ".join(ablation.demo_overrides) or "the demo preset"
+    title = f"Ablations ({world}; {minutes:.0f} min)"
+    (out_dir / "ablations.json").write_text(json.dumps({"config": to_dict(ablation), "rows": rows}, indent=2))
+    (out_dir / "ablations.md").write_text(markdown_table(rows, title) + "\n")
+    return rows

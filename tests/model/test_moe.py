@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memlayers.model import MoEConfig, Transformer
-from memlayers.model.moe import MoE
+from memlayers.model.ffn import MoE
 
 
 def _moe(dim: int, hidden: int, seed: int = 0, dtype=torch.float64, **config) -> MoE:

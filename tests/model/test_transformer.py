@@ -9,8 +9,7 @@ import torch
 
 from memlayers.memory.layer import MemoryLayer
 from memlayers.model import Transformer
-from memlayers.model.ffn import FeedForward
-from memlayers.model.moe import MoE
+from memlayers.model.ffn import FeedForward, MoE
 
 # name -> (config overrides, FFN module type and kind expected in each block)
 FFN_CASES = {

@@ -12,13 +12,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from memlayers.data.packing import BatchIterator
+from memlayers.data.packing import BatchIterator, DocumentBatchIterator
 from memlayers.data.text import DataError
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from memlayers.train.metrics import read_metrics
-from memlayers.train.schedule import lr_factor
+from memlayers.train.optim import lr_factor
 from memlayers.train.trainer import Trainer, TrainingError, pick_device
 
 # Per-step values that an exactly resumed run must reproduce bit for bit.
@@ -56,6 +56,7 @@ def test_overfits_one_fixed_batch(make_config):
         "optim.weight_decay=0",
     )
     trainer = Trainer(config)
+    assert isinstance(trainer.batches, DocumentBatchIterator)  # re-packed every epoch by default
     rows = trainer.batches.epoch_rows()[:4]  # (4, seq_len + 1): one batch, every step
     trainer.batches = BatchIterator(rows, 4, seed=0)
     trainer.fit(progress=False)
@@ -77,8 +78,10 @@ def test_overfits_one_fixed_batch(make_config):
             "train.batch_size=8",
             "train.grad_accum=2",
         ),
+        # rows packed once instead of re-packed every epoch
+        ("data.facts.n_people=4", "data.facts.heldout_people=1", "train.batch_size=8", "data.repack=false"),
     ],
-    ids=["one-epoch", "epochs-and-grad-accum"],
+    ids=["one-epoch", "epochs-and-grad-accum", "fixed-packing"],
 )
 def test_resume_after_crash_is_exact(make_config, overrides):
     settings = (

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 ABLATIONS = Path(__file__).with_name("ablations.md")
 
@@ -46,6 +47,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("memory slots")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("Memory layers store facts: same data, same training tokens")
     fig.savefig(path, dpi=120)
@@ -111,6 +113,7 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         f"{' + question/answer documents' if cfg['facts']['qa_in_train'] else ''}.",
         f"- Every run: {cfg['train']['steps']} steps of {cfg['train']['batch_size']} x {cfg['seq_len']} tokens, "
         f"AdamW lr {cfg['optim']['lr']}, value lr {cfg['optim']['value_lr']}, {cfg['train']['schedule']} schedule.",
+        "- Documents are packed into rows in a fresh random order every epoch (`data.repack`).",
         "- QA exact match: greedy answer after the question, normalised (case, punctuation, articles); "
         "answer NLL: mean nats per gold answer token given the question.",
         f"- Wall time {results['seconds'] / 60:.1f} min with {cfg['workers']} runs at a time, one CPU thread each "

@@ -22,6 +22,7 @@ from memlayers.data.text import read_documents
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import write_report
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
+from memlayers.model.accounting import count_flops
 from memlayers.train.config import DataConfig, RunConfig
 
 
@@ -63,7 +64,10 @@ def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
         progress = manager.Queue()
-        futures: list[Future] = [pool.submit(_train_one, run.config, progress) for run in runs]
+        # the costliest runs first, so that no worker is left with a long run at the end
+        cost = {id(run): count_flops(run.config.model).total * run.config.train.steps for run in runs}
+        submitted = {id(run): pool.submit(_train_one, run.config, progress) for run in sorted(runs, key=lambda r: -cost[id(r)])}
+        futures: list[Future] = [submitted[id(run)] for run in runs]
         with tqdm(total=total, unit="step", desc="demo", dynamic_ncols=True) as bar:
             while not all(f.done() for f in futures) or not progress.empty():
                 try:

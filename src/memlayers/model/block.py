@@ -9,8 +9,7 @@ from memlayers.memory.layer import MemoryLayer
 from memlayers.memory.pool import MemoryPool
 from memlayers.model.attention import Attention
 from memlayers.model.config import ModelConfig
-from memlayers.model.ffn import FeedForward
-from memlayers.model.moe import MoE
+from memlayers.model.ffn import FeedForward, MoE
 
 
 def build_ffn(config: ModelConfig, layer: int, pool: MemoryPool | None) -> nn.Module:

@@ -20,8 +20,7 @@ from memlayers.memory.pool import MemoryPool
 from memlayers.model.attention import rope_tables
 from memlayers.model.block import Block
 from memlayers.model.config import ModelConfig
-from memlayers.model.ffn import FeedForward
-from memlayers.model.moe import MoE
+from memlayers.model.ffn import FeedForward, MoE
 
 
 class LMOutput(NamedTuple):

@@ -31,6 +31,10 @@ class DataConfig:
     vocab_size: int = 2048
     """Vocabulary of a trained tokenizer (model.vocab_size follows the tokenizer)."""
     seq_len: int = 128
+    repack: bool = True
+    """Pack the training documents in a fresh order every epoch. With false the
+    rows are packed once; small models trained for many epochs then learn each
+    row's context instead of the documents (see the demo's ablations)."""
     facts: FactWorldConfig = field(default_factory=FactWorldConfig)
 
     def __post_init__(self) -> None:

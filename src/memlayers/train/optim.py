@@ -1,4 +1,4 @@
-"""Optimizer groups chosen by parameter name, and per-group gradient clipping.
+"""Optimizer groups chosen by parameter name, per-group gradient clipping, the LR schedule.
 
 The paper trains memory values with their own learning rate (1e-3 against
 1e-4 for the rest) and clips their gradients separately. Parameters are put
@@ -13,6 +13,7 @@ in three named groups:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -99,3 +100,25 @@ def clip_gradients(optimizer: torch.optim.Optimizer, config: OptimConfig) -> dic
             norm = nn.utils.clip_grad_norm_(params, limit)
         norms[key] = float(norm)
     return norms
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Warmup rises linearly from 1/warmup to 1 over ``warmup_steps`` steps; then
+    ``cosine`` and ``linear`` decay to ``min_ratio`` at ``total_steps`` and
+    ``constant`` stays at 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose cosine, linear or constant")
+    return min_ratio + (1.0 - min_ratio) * shape

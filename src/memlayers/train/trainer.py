@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from memlayers.config import to_dict
 from memlayers.data.facts import generate_world, write_world
-from memlayers.data.packing import DocumentBatchIterator, pack_documents
+from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
 from memlayers.data.text import read_documents, read_qa
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.eval.perplexity import evaluate_perplexity
@@ -42,8 +42,7 @@ from memlayers.train.checkpoint import (
 )
 from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
-from memlayers.train.optim import build_optimizer, clip_gradients
-from memlayers.train.schedule import lr_factor
+from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor
 
 
 class TrainingError(RuntimeError):
@@ -125,14 +124,14 @@ class Trainer:
         self.config = dataclasses.replace(config, model=model_config)
         self.model = Transformer(model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.batches = DocumentBatchIterator(
-            self.data.train_docs,
-            config.data.seq_len,
-            self.data.tokenizer.bos_id,
-            self.data.tokenizer.eos_id,
-            tcfg.batch_size,
-            tcfg.seed,
-        )
+        tokenizer = self.data.tokenizer
+        if config.data.repack:
+            self.batches = DocumentBatchIterator(
+                self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id, tcfg.batch_size, tcfg.seed
+            )
+        else:
+            rows = pack_documents(self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+            self.batches = BatchIterator(rows, tcfg.batch_size, tcfg.seed)
         self.step = 0
         self.tokens_seen = 0
         if resume:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from memlayers.train.schedule import lr_factor
+from memlayers.train.optim import lr_factor
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

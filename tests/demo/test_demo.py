@@ -201,7 +201,7 @@ def test_run_demo_end_to_end(tmp_path):
         assert math.isfinite(run["answer_nll"]) and run["answer_nll"] > 0
         assert run["tokens_per_s"] > 0 and run["active_params"] <= run["params"]
         assert (run["memory_params"] > 0) == (run["kind"] == "memory")
-        state = read_state(run["checkpoint"])
+        state = read_state(out_dir / run["checkpoint"])  # relative to the output directory
         assert state["step"] == 4
         assert state["config"]["train"]["threads"] == 1
     assert [r["memory_slots"] for r in runs[1:5]] == [16, 64, 256, 1024]

@@ -72,9 +72,15 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     ratio = largest["qa_em"] / dense["qa_em"] if dense["qa_em"] > 0 else float("inf")
     rising = all(a["qa_em"] <= b["qa_em"] for a, b in itertools.pairwise(memory))
     flops = max(abs(r["flops_per_token"] / dense["flops_per_token"] - 1) for r in memory)
+    others = [
+        f"{r['name']} {r['qa_em']:.1%} ({r['flops_per_token'] / dense['flops_per_token']:.2f}x FLOPs)"
+        for r in runs
+        if r["kind"] in ("moe", "dense_big")
+    ]
     return [
         f"- Largest memory ({largest['name']}) exact match {largest['qa_em']:.1%} vs dense {dense['qa_em']:.1%}: "
         f"**{ratio:.2f}x**.",
+        *([f"- Against the other baselines: {', '.join(others)}."] if others else []),
         f"- Exact match {'rises' if rising else 'does not rise monotonically'} with memory size: "
         + ", ".join(f"{r['name']} {r['qa_em']:.1%}" for r in memory) + ".",
         f"- Memory models' FLOPs/token within {flops:.1%} of dense.",
@@ -109,7 +115,8 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         "## Setup",
         "",
         f"- Fact world: {cfg['facts']['n_people']} people x 5 attributes, seed {cfg['facts']['seed']}; "
-        f"training text = biographies ({cfg['facts']['bios_per_person']} paraphrases each)"
+        f"training text = {cfg['facts']['bios_per_person']} paraphrased biograph"
+        f"{'y' if cfg['facts']['bios_per_person'] == 1 else 'ies'} per person"
         f"{' + question/answer documents' if cfg['facts']['qa_in_train'] else ''}.",
         f"- Every run: {cfg['train']['steps']} steps of {cfg['train']['batch_size']} x {cfg['seq_len']} tokens, "
         f"AdamW lr {cfg['optim']['lr']}, value lr {cfg['optim']['value_lr']}, {cfg['train']['schedule']} schedule.",

@@ -8,6 +8,7 @@ laptop-class machine). One progress bar counts the steps of all runs.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -103,7 +104,7 @@ def run_demo(quick: bool = False, out_dir: str | Path = "demo_out", overrides: l
                 "qa_em": summary["qa_em"],
                 "answer_nll": summary["answer_nll"],
                 "heldout_ppl": summary.get("heldout_ppl"),
-                "checkpoint": summary["checkpoint"],
+                "checkpoint": os.path.relpath(summary["checkpoint"], out_dir),
             }
             for run, summary in zip(runs, summaries, strict=True)
         ],

@@ -1,7 +1,14 @@
 """Suite-wide settings."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through Triton's interpreter, which is chosen
+    # when a kernel is defined: set it before anything imports memlayers.kernels.triton_bag.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -80,8 +80,18 @@ def test_overfits_one_fixed_batch(make_config):
         ),
         # rows packed once instead of re-packed every epoch
         ("data.facts.n_people=4", "data.facts.heldout_people=1", "train.batch_size=8", "data.repack=false"),
+        # row-sparse value optimizers: per-row state and row gradients resume exactly too
+        (
+            "data.facts.n_people=4",
+            "data.facts.heldout_people=1",
+            "train.batch_size=8",
+            "train.grad_accum=2",
+            "optim.value_optimizer=row_adamw",
+            "optim.value_state_dtype=bfloat16",
+        ),
+        ("optim.value_optimizer=row_adagrad", "optim.value_grad_clip=0.01"),
     ],
-    ids=["one-epoch", "epochs-and-grad-accum", "fixed-packing"],
+    ids=["one-epoch", "epochs-and-grad-accum", "fixed-packing", "row-adamw-bf16-state", "row-adagrad-clipped"],
 )
 def test_resume_after_crash_is_exact(make_config, overrides):
     settings = (

@@ -1,5 +1,7 @@
-"""Kernels for the memory read: the embedding bag and its implementations."""
+"""Kernels for the memory read: the embedding bag, its row gradient, row-sparse updates."""
 
+from memlayers.kernels import cpu
 from memlayers.kernels.embedding_bag import BACKENDS, embedding_bag, embedding_bag_reference
+from memlayers.kernels.row_grad import RowGrad, row_grad_of
 
-__all__ = ["BACKENDS", "embedding_bag", "embedding_bag_reference"]
+__all__ = ["BACKENDS", "RowGrad", "cpu", "embedding_bag", "embedding_bag_reference", "row_grad_of"]

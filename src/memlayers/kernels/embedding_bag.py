@@ -3,6 +3,26 @@
 This is the memory read of every memory layer. All implementations sit behind
 :func:`embedding_bag`; :func:`embedding_bag_reference` is the plain PyTorch
 ground truth that every faster implementation is tested against.
+
+Backends:
+
+- ``reference``: gather, scale, sum with plain autograd ops (slow, obviously right);
+- ``torch``: ``F.embedding_bag`` (its backward writes a dense table gradient);
+- ``cpu``: C kernels for the forward and the weight gradient (:mod:`memlayers.kernels.cpu`);
+- ``torch_rows``: ``F.embedding_bag`` ops under the same autograd function as the
+  fast kernels (any device; gives row gradients where nothing faster runs);
+- ``triton``: Triton kernels (GPU, or the CPU under ``TRITON_INTERPRET=1``);
+  ``triton_atomic`` computes a dense table gradient in one atomic pass;
+- ``auto``: ``triton`` for CUDA tables when Triton is installed, ``cpu`` for CPU
+  tables when a C compiler is there, else ``torch``.
+
+The table's gradient comes in one of two forms (``table_grad``):
+
+- ``"dense"``: ``table.grad``, an ``(N, d)`` tensor, as any torch optimizer expects;
+- ``"rows"``: nothing dense is written; the gradient accumulates as a
+  :class:`~memlayers.kernels.row_grad.RowGrad` in ``table.row_grad`` (the
+  touched rows and their summed gradients, kept factored), which the
+  row-sparse optimizers of :mod:`memlayers.train.row_optim` consume.
 """
 
 from __future__ import annotations
@@ -11,6 +31,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from memlayers.kernels import cpu
+from memlayers.kernels.bag_ops import CpuOps, TorchOps, TritonAtomicOps, TritonOps, fixed_offsets
+from memlayers.kernels.row_grad import RowGrad, accumulate_row_grad
 
 
 def embedding_bag_reference(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -32,17 +56,86 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
     return out.reshape(*lead, table.shape[-1])
 
 
-BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+class BagFunction(torch.autograd.Function):
+    """A fixed-size weighted bag on ``ops``, with the table gradient dense or as rows."""
+
+    @staticmethod
+    def forward(ctx, indices, weights, table, ops, table_grad):  # noqa: D102 (autograd hook)
+        B, K = indices.shape
+        offsets = fixed_offsets(B, K, indices.device)  # (B + 1,)
+        out = ops.bag(table, indices.reshape(-1), weights.reshape(-1), offsets)  # (B, d), >= float32
+        ctx.save_for_backward(indices, weights, table)
+        ctx.ops, ctx.table_grad = ops, table_grad
+        ctx.table_param = table if table_grad == "rows" else None  # the leaf that receives row_grad
+        return out.to(table.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 (autograd hook)
+        indices, weights, table = ctx.saved_tensors
+        grad_out = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)).contiguous()  # (B, d)
+        grad_weights = grad_table = None
+        if ctx.table_grad == "dense" and ctx.needs_input_grad[2] and hasattr(ctx.ops, "backward_atomic"):
+            grad_weights, rows, row_grads = ctx.ops.backward_atomic(table, indices, weights, grad_out)
+            grad_table = torch.zeros_like(table).index_copy_(0, rows, row_grads.to(table.dtype))  # (N, d)
+            return None, grad_weights.to(weights.dtype) if ctx.needs_input_grad[1] else None, grad_table, None, None
+        if ctx.needs_input_grad[1]:
+            grad_weights = ctx.ops.bag_dot(table, indices, grad_out).to(weights.dtype)  # (B, K)
+        if ctx.needs_input_grad[2]:
+            if ctx.table_grad == "rows":
+                accumulate_row_grad(ctx.table_param, indices, weights, grad_out, ctx.ops)
+            else:
+                rows = RowGrad(table.shape[0], table.shape[1], ctx.ops)
+                rows.add(indices, weights, grad_out)
+                grad_table = rows.to_dense(table.dtype)  # (N, d)
+        return None, grad_weights, grad_table, None, None
+
+
+def _fast(ops) -> Callable[..., torch.Tensor]:
+    def run(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, table_grad: str = "dense") -> torch.Tensor:
+        lead = indices.shape[:-1]
+        flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
+        flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
+        out = BagFunction.apply(flat_indices, flat_weights, table, ops, table_grad)  # (B, d)
+        return out.reshape(*lead, table.shape[-1])
+
+    run.__doc__ = f"The weighted bag on the {ops.name} kernels (table gradient dense or as rows)."
+    return run
+
+
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": embedding_bag_reference,
     "torch": embedding_bag_torch,
+    "torch_rows": _fast(TorchOps),
+    "cpu": _fast(CpuOps),
+    "triton": _fast(TritonOps),
+    "triton_atomic": _fast(TritonAtomicOps),
 }
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it runs on CUDA, or anywhere with ``TRITON_INTERPRET=1``)."""
+    from memlayers.kernels import triton_bag
+
+    return triton_bag.AVAILABLE
+
+
+def resolve_backend(backend: str, table: torch.Tensor, table_grad: str = "dense") -> str:
+    """The concrete backend ``auto`` stands for, given the table's device."""
+    if backend != "auto":
+        return backend
+    if table.device.type == "cuda" and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available():
+        return "triton"
+    if table.device.type == "cpu" and table.dtype in cpu.DTYPE_SUFFIX and cpu.available():
+        return "cpu"
+    return "torch_rows" if table_grad == "rows" else "torch"
 
 
 def embedding_bag(
     indices: torch.Tensor,
     weights: torch.Tensor,
     table: torch.Tensor,
-    backend: str = "torch",
+    backend: str = "auto",
+    table_grad: str = "dense",
 ) -> torch.Tensor:
     """Weighted sum of table rows per bag.
 
@@ -50,7 +143,9 @@ def embedding_bag(
         indices: ``(..., K)`` integer row ids into ``table``.
         weights: ``(..., K)`` weight of each selected row.
         table: ``(N, d)`` value table.
-        backend: one of :data:`BACKENDS`.
+        backend: ``auto`` or one of :data:`BACKENDS`.
+        table_grad: ``"dense"`` (``table.grad``) or ``"rows"`` (``table.row_grad``,
+            a :class:`~memlayers.kernels.row_grad.RowGrad`; the table must be a leaf).
 
     Returns:
         ``(..., d)`` tensor in ``table``'s dtype.
@@ -59,6 +154,20 @@ def embedding_bag(
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must have the same shape")
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D (rows, dim), got shape {tuple(table.shape)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown embedding_bag backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[backend](indices, weights, table)
+    if table_grad not in ("dense", "rows"):
+        raise ValueError(f"table_grad must be 'dense' or 'rows', got {table_grad!r}")
+    name = resolve_backend(backend, table, table_grad)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown embedding_bag backend {backend!r}; choose auto or one of {sorted(BACKENDS)}")
+    if name in ("reference", "torch"):
+        if table_grad == "rows":
+            raise ValueError(f"backend {name!r} gives a dense table gradient only; use table_grad='dense' or backend 'auto'")
+        return BACKENDS[name](indices, weights, table)
+    if table_grad == "rows" and table.requires_grad and not table.is_leaf:
+        raise ValueError("table_grad='rows' needs the table to be a leaf tensor (the value parameter itself)")
+    if name == "cpu":
+        if table.device.type != "cpu" or table.dtype not in cpu.DTYPE_SUFFIX:
+            raise ValueError(f"backend 'cpu' takes float32 or bfloat16 CPU tables, got {table.dtype} on {table.device}")
+        if not cpu.available():
+            raise ValueError("backend 'cpu' needs the C kernels, which could not be built (no C compiler); use backend 'auto'")
+    return BACKENDS[name](indices, weights, table, table_grad)

@@ -36,7 +36,12 @@ class MemoryLayer(nn.Module):
             a reference to it but does not register it: its owner (the model)
             does, so the table appears once in ``parameters()`` and
             ``state_dict()``. Without a pool the layer creates and owns one.
-        bag_backend: implementation of :func:`memlayers.kernels.embedding_bag`.
+        bag_backend: implementation of :func:`memlayers.kernels.embedding_bag`
+            (``auto``: Triton on GPU, the C kernels on CPU).
+        table_grad: how the value table's gradient is left: ``"dense"``
+            (``values.grad``, for any torch optimizer) or ``"rows"``
+            (``values.row_grad``, for the row-sparse optimizers). The trainer
+            sets it from ``optim.value_optimizer``.
     """
 
     def __init__(
@@ -44,12 +49,14 @@ class MemoryLayer(nn.Module):
         dim: int,
         config: MemoryConfig,
         pool: MemoryPool | None = None,
-        bag_backend: str = "torch",
+        bag_backend: str = "auto",
+        table_grad: str = "dense",
     ):
         super().__init__()
         self.dim = dim
         self.config = config
         self.bag_backend = bag_backend
+        self.table_grad = table_grad
         self.search = ProductKeySearch(dim, config)
         if pool is None:
             self.pool = MemoryPool(dim, config)
@@ -114,9 +121,9 @@ class MemoryLayer(nn.Module):
         if self.config.variant == "peer":
             up = F.embedding(indices, self.pool.up)  # (..., heads * knn, dim)
             activation = F.gelu(torch.einsum("...kd,...d->...k", up, x))  # (..., heads * knn)
-            out = embedding_bag(indices, weights * activation, values, self.bag_backend)  # (..., dim)
+            out = embedding_bag(indices, weights * activation, values, self.bag_backend, self.table_grad)  # (..., dim)
         else:
-            y = embedding_bag(indices, weights, values, self.bag_backend)  # (..., value_dim)
+            y = embedding_bag(indices, weights, values, self.bag_backend, self.table_grad)  # (..., value_dim)
             y = y.to(x.dtype)
             if self.w1 is not None:
                 out = self.w2(y * F.silu(self.w1(x)))  # (..., dim)

@@ -122,16 +122,20 @@ def load_optimizer_state(
         raise CheckpointError("optimizer state does not match the model's parameter groups; start a new run or fix the config")
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
-    optimizer.state.clear()
+    # a ChainedOptimizer's state lives in its children: put each parameter's state in its owner's
+    children = getattr(optimizer, "optimizers", [optimizer])
+    owner = {id(p): child.state for child in children for g in child.param_groups for p in g["params"]}
+    for child in children:
+        child.state.clear()
     for key, tensor in tensors.items():
         name, field = key.split("::", 1)
         param = params[name]
-        optimizer.state.setdefault(param, {})[field] = tensor.to(param.device)
+        owner[id(param)].setdefault(param, {})[field] = tensor.to(param.device)
     for name, values in meta["scalars"].items():
         param = params[name]
         for field, value in values.items():
             # torch's Adam keeps `step` as a 0-d float tensor
-            optimizer.state.setdefault(param, {})[field] = torch.tensor(value, dtype=torch.float32)
+            owner[id(param)].setdefault(param, {})[field] = torch.tensor(value, dtype=torch.float32)
 
 
 def save_checkpoint(

@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from memlayers.config import check
+from memlayers.kernels.row_grad import row_grad_of
+from memlayers.train.row_optim import ROW_OPTIMIZERS, RowAdamW
 
 VALUE_PARAM = re.compile(r"(^|\.)(memory_pool|pool)\.(values|up)$")
 
@@ -40,6 +43,11 @@ class OptimConfig:
     value_weight_decay: float = 0.0
     value_grad_clip: float | None = 1.0
     """Max grad norm of the value tables alone; null disables."""
+    value_optimizer: Literal["adamw", "row_adamw", "row_adagrad", "row_sgd"] = "adamw"
+    """adamw: torch's dense AdamW (every row, every step, as the paper); row_*: row-sparse
+    optimizers that update only the rows a step touches (see memlayers.train.row_optim)."""
+    value_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Moment dtype of row_adamw (bfloat16 halves its state)."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "value_lr", "eps"):
@@ -78,27 +86,88 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     return [{"name": name, **group} for name, group in groups.items() if group["params"]]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
-    return torch.optim.AdamW(
-        param_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
-    )
+class ChainedOptimizer:
+    """Several torch optimizers stepped as one: AdamW for the model, a row-sparse one for the values.
+
+    ``param_groups`` lists every child's live groups (so a schedule can set
+    ``lr`` on them) and ``state`` merges their states for reading.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every child's parameter groups, in order."""
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        """Per-parameter state of all children (a merged copy: write through the children)."""
+        return {param: state for optimizer in self.optimizers for param, state in optimizer.state.items()}
+
+    def step(self) -> None:
+        """Step every child."""
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every child's gradients (row gradients included)."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, config: OptimConfig) -> dict[str, float]:
-    """Clip the value tables and the rest separately; returns both norms before clipping."""
+def uses_row_grads(config: OptimConfig) -> bool:
+    """True when the value tables are trained by a row-sparse optimizer (so reads should
+    leave their gradient as rows, ``table_grad="rows"``)."""
+    return config.value_optimizer in ROW_OPTIMIZERS
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW | ChainedOptimizer:
+    """AdamW over :func:`param_groups`, or AdamW for the model chained with the
+    row-sparse ``value_optimizer`` for the value tables."""
+    groups = param_groups(model, config)
+    betas = (config.beta1, config.beta2)
+    if not uses_row_grads(config):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
+    values = [g for g in groups if g["name"] == "values"]
+    rest = [g for g in groups if g["name"] != "values"]
+    cls = ROW_OPTIMIZERS[config.value_optimizer]
+    kwargs = {"lr": config.value_lr, "weight_decay": config.value_weight_decay}
+    if cls is RowAdamW:
+        kwargs.update(betas=betas, eps=config.eps, state_dtype=getattr(torch, config.value_state_dtype))
+    elif cls is not ROW_OPTIMIZERS["row_sgd"]:
+        kwargs["eps"] = config.eps
+    optimizers = [torch.optim.AdamW(rest, lr=config.lr, betas=betas, eps=config.eps)] if rest else []
+    if values:
+        optimizers.append(cls(values, **kwargs))
+    return ChainedOptimizer(optimizers)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer | ChainedOptimizer, config: OptimConfig) -> dict[str, float]:
+    """Clip the value tables and the rest separately; returns both norms before clipping.
+
+    Value tables may hold their gradient as rows (``param.row_grad``); those
+    are clipped by scaling, without writing the rows out.
+    """
     values = [p for g in optimizer.param_groups if g.get("name") == "values" for p in g["params"]]
     others = [p for g in optimizer.param_groups if g.get("name") != "values" for p in g["params"]]
     norms = {}
     for key, params, limit in (("grad_norm", others, config.grad_clip), ("value_grad_norm", values, config.value_grad_clip)):
-        params = [p for p in params if p.grad is not None]
-        if not params:
+        dense = [p.grad for p in params if p.grad is not None]
+        rows = [g for g in map(row_grad_of, params) if g is not None]
+        if not dense and not rows:
             continue
-        if limit is None:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        else:
-            norm = nn.utils.clip_grad_norm_(params, limit)
-        norms[key] = float(norm)
+        squares = [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))) ** 2] if dense else []
+        norm = math.sqrt(sum(squares) + sum(g.sq_norm() for g in rows))
+        if limit is not None:
+            coef = min(1.0, limit / (norm + 1e-6))
+            if coef < 1.0:
+                if dense:
+                    torch._foreach_mul_(dense, coef)
+                for g in rows:
+                    g.scale *= coef
+        norms[key] = norm
     return norms
 
 

@@ -42,7 +42,7 @@ from memlayers.train.checkpoint import (
 )
 from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
-from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor
+from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor, uses_row_grads
 
 
 class TrainingError(RuntimeError):
@@ -124,6 +124,9 @@ class Trainer:
         self.config = dataclasses.replace(config, model=model_config)
         self.model = Transformer(model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim)
+        if uses_row_grads(config.optim):
+            for layer in self.model.memory_layers():
+                layer.table_grad = "rows"
         tokenizer = self.data.tokenizer
         if config.data.repack:
             self.batches = DocumentBatchIterator(

@@ -1,0 +1,118 @@
+"""The two raw operations every embedding-bag implementation provides.
+
+``bag(table, ids, weights, offsets)``
+    CSR bags: ``out[s] = sum_{j in [offsets[s], offsets[s+1])} weights[j] * table[ids[j]]``,
+    float32 ``(S, d)``. With ``offsets = arange(0, B*K+1, K)`` it is the
+    forward of ``B`` bags of ``K``; with the lookups sorted by row and
+    ``table = grad_out`` it is the deterministic row-gradient reduction.
+``bag_dot(table, ids, grad_out)``
+    the weight gradient of fixed-size bags: ``out[b, k] = grad_out[b] . table[ids[b, k]]``,
+    ``(B, K)`` in float32 (float64 for float64 tables).
+
+:class:`TorchOps` builds them from torch ops (any device), :class:`CpuOps`
+from the C kernels in :mod:`memlayers.kernels.cpu`, and :class:`TritonOps`
+from the Triton kernels in :mod:`memlayers.kernels.triton_bag`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memlayers.kernels import cpu
+
+
+class TorchOps:
+    """``F.embedding_bag`` and its per-sample-weight backward (any device, any float dtype)."""
+
+    name = "torch"
+
+    @staticmethod
+    def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
+        out = F.embedding_bag(
+            ids, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True
+        )  # (S, d)
+        return out.to(torch.promote_types(table.dtype, torch.float32))
+
+    @staticmethod
+    def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``."""
+        B, K = ids.shape
+        offsets = torch.arange(0, B * K, K, device=ids.device)  # (B,)
+        offset2bag = torch.arange(B, device=ids.device).repeat_interleave(K)  # (B*K,)
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_out.to(table.dtype), table, ids.reshape(-1), offsets, offset2bag, 0, -1
+        )  # (B*K,)
+        return out.to(torch.promote_types(table.dtype, torch.float32)).view(B, K)
+
+
+class CpuOps:
+    """The C kernels (float32 or bfloat16 tables on the CPU)."""
+
+    name = "cpu"
+
+    @staticmethod
+    def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
+        table, ids, offsets = table.contiguous(), ids.contiguous(), offsets.contiguous()
+        weights = weights.float().contiguous()
+        d = table.shape[1]
+        out = torch.empty(offsets.numel() - 1, d)  # (S, d)
+        fn = cpu.kernel("bag", table.dtype)
+        cpu.parallel_for(fn, out.shape[0], cpu.ptr(table), d, cpu.ptr(ids), cpu.ptr(weights), cpu.ptr(offsets), cpu.ptr(out))
+        return out
+
+    @staticmethod
+    def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``."""
+        table, ids = table.contiguous(), ids.contiguous()
+        grad_out = grad_out.float().contiguous()
+        B, K = ids.shape
+        out = torch.empty(B, K)  # (B, K)
+        fn = cpu.kernel("bag_dot", table.dtype)
+        cpu.parallel_for(fn, B, cpu.ptr(table), table.shape[1], cpu.ptr(ids), K, cpu.ptr(grad_out), cpu.ptr(out), grain=16)
+        return out
+
+
+class TritonOps:
+    """The Triton kernels (GPU, or the CPU through ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    @staticmethod
+    def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
+        from memlayers.kernels import triton_bag
+
+        return triton_bag.bag(table, ids, weights.float(), offsets)
+
+    @staticmethod
+    def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``."""
+        from memlayers.kernels import triton_bag
+
+        return triton_bag.bag_dot(table, ids, grad_out)
+
+
+class TritonAtomicOps(TritonOps):
+    """The Triton kernels, with a one-pass atomic backward for dense table gradients
+    (faster where many lookups share rows; the summation order is not fixed)."""
+
+    name = "triton_atomic"
+
+    @staticmethod
+    def backward_atomic(
+        table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weight gradient ``(B, K)``, unique rows ``(U,)`` and their gradients ``(U, d)``, in one pass."""
+        from memlayers.kernels import triton_bag
+
+        rows, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B, K)
+        grad_weights, row_grads = triton_bag.bag_backward_atomic(table, ids, weights.float(), grad_out, inverse, rows.numel())
+        return grad_weights, rows, row_grads
+
+
+def fixed_offsets(n_bags: int, bag_size: int, device: torch.device) -> torch.Tensor:
+    """CSR offsets of ``n_bags`` bags of ``bag_size`` lookups, ``(n_bags + 1,)``."""
+    return torch.arange(0, n_bags * bag_size + 1, bag_size, device=device)

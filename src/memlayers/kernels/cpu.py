@@ -1,0 +1,159 @@
+"""The fast CPU path: C kernels (``csrc/bag.c``) compiled on first use, called through ctypes.
+
+Why C: torch's CPU gather ops (``index_select``, advanced indexing, the
+per-sample-weight backward of ``embedding_bag``) read random rows at a few
+GB/s, several times slower than its forward bag. These kernels prefetch rows
+ahead, accumulate in float32, and fuse the row-gradient reduction with the
+optimizer update so that the gradient rows are never written out.
+
+The library is built once per machine with the system C compiler (``$CC``,
+else ``cc``) into ``$MEMLAYERS_CACHE`` (default ``~/.cache/memlayers``), keyed
+by a hash of the source, the flags and the CPU, and written atomically so that
+concurrent processes never load a half-written file. Without a compiler,
+:func:`library` returns None and callers fall back to torch ops.
+
+ctypes releases the GIL during a call, so :func:`parallel_for` splits the
+outer loop over ``torch.get_num_threads()`` Python threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "bag.c"
+FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
+NATIVE = ["-march=native"]
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# argument types of every exported function (the trailing start, stop are int64)
+SIGNATURES: dict[str, list] = {
+    "bag": [_P, _I64, _P, _P, _P, _P, _I64, _I64],
+    "bag_dot": [_P, _I64, _P, _I64, _P, _P, _I64, _I64],
+    "row_grad_sq_norm": [_P, _P, _P, _P, _I64, _I64, _I64],
+    "sgd": [_P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64],
+    "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
+    "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
+}
+SUFFIXES = {"bag": ("f32", "bf16"), "bag_dot": ("f32", "bf16"), "sgd": ("f32", "bf16"), "adagrad": ("f32", "bf16")}
+ADAM_SUFFIXES = ("f32_f32", "f32_bf16", "bf16_f32", "bf16_bf16")
+DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+_pool: ThreadPoolExecutor | None = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (``$MEMLAYERS_CACHE`` or ``~/.cache/memlayers``)."""
+    return Path(os.environ.get("MEMLAYERS_CACHE", Path.home() / ".cache" / "memlayers"))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Build the shared library into ``target`` atomically; raise on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for extra in (NATIVE, []):  # -march=native is not known to every compiler
+            result = subprocess.run(
+                [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True
+            )
+            if result.returncode == 0:
+                os.replace(out, target)
+                return
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "compiler failed")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for base, args in SIGNATURES.items():
+        names = [base] if base == "row_grad_sq_norm" else []
+        names += [f"{base}_{s}" for s in (ADAM_SUFFIXES if base == "adam" else SUFFIXES.get(base, ()))]
+        for name in names:
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_double if base == "row_grad_sq_norm" else None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None without a working C compiler."""
+    global _library, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get("MEMLAYERS_NO_CPU_KERNELS"):
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            warnings.warn("memlayers: no C compiler found; the CPU memory kernels fall back to slower torch ops", stacklevel=2)
+            return None
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"memlayers_bag_{key}.so"
+        try:
+            if not target.is_file():
+                _compile(compiler, target)
+            lib = ctypes.CDLL(str(target))
+            _declare(lib)
+        except (OSError, RuntimeError) as error:
+            warnings.warn(f"memlayers: could not build the CPU memory kernels ({error}); using slower torch ops", stacklevel=2)
+            return None
+        _library = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the C kernels are built and loadable."""
+    return library() is not None
+
+
+def parallel_for(fn, total: int, *args, grain: int = 256) -> list:
+    """Call ``fn(*args, start, stop)`` over ``[0, total)`` split across torch's thread count."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), total // grain))
+    if threads == 1:
+        return [fn(*args, 0, total)] if total else []
+    bounds = [total * i // threads for i in range(threads + 1)]
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memlayers-cpu")
+    futures = [_pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    results = [fn(*args, bounds[0], bounds[1])]
+    return results + [f.result() for f in futures]
+
+
+def ptr(tensor: torch.Tensor) -> int:
+    """Address of a contiguous CPU tensor's data."""
+    return tensor.data_ptr()
+
+
+def kernel(name: str, *dtypes: torch.dtype):
+    """The C function ``name`` specialised for ``dtypes`` (e.g. ``kernel("adam", torch.float32, torch.bfloat16)``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("memlayers CPU kernels are not available (no C compiler)")
+    try:
+        suffix = "_".join(DTYPE_SUFFIX[d] for d in dtypes)
+    except KeyError as error:
+        raise TypeError(f"{name}: unsupported dtype {error.args[0]}; use float32 or bfloat16") from None
+    return getattr(lib, f"{name}_{suffix}" if suffix else name)

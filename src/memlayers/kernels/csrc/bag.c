@@ -1,0 +1,194 @@
+/* CPU kernels of memlayers: the weighted embedding bag, its weight gradient,
+ * and row-sparse optimizer updates fused with the row-gradient reduction.
+ *
+ * Plain C99, no dependencies; compiled on first use by memlayers/kernels/cpu.py
+ * and called through ctypes (which releases the GIL, so Python threads run
+ * disjoint ranges in parallel). Tables are float32 or bfloat16 (as uint16);
+ * all arithmetic is float32. Every function works on the index range
+ * [start, stop) of its outer loop so that callers can split work over threads.
+ *
+ * The row gradient of a table is kept factored: lookup j of bag b read row
+ * ids[j] with weight w[j], so grad(row) = sum over lookups j of that row of
+ * w[j] * grad_out[b]. Lookups are sorted by row ("segments"): segment u covers
+ * members [seg[u], seg[u+1]) of the sorted bag ids and weights.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PREFETCH_AHEAD 8
+
+static inline float bf16_load(uint16_t h) {
+    uint32_t u = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+#define F32_LOAD(x) (x)
+#define F32_STORE(x) (x)
+#define BF16_LOAD(x) bf16_load(x)
+#define BF16_STORE(x) bf16_store(x)
+
+static inline void prefetch_row(const void *row, int64_t bytes) {
+    const char *p = (const char *)row;
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+}
+
+/* out[s] = sum_{j in [offsets[s], offsets[s+1])} w[j] * table[ids[j]]  (CSR bags, float32 out) */
+#define DEFINE_BAG(NAME, T, LOAD)                                                                   \
+    void NAME(const T *table, int64_t d, const int64_t *ids, const float *w, const int64_t *offsets, \
+              float *out, int64_t start, int64_t stop) {                                            \
+        const int64_t last = offsets[stop];                                                         \
+        for (int64_t s = start; s < stop; s++) {                                                    \
+            float *restrict o = out + s * d;                                                        \
+            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;                                            \
+            for (int64_t j = offsets[s]; j < offsets[s + 1]; j++) {                                 \
+                if (j + PREFETCH_AHEAD < last)                                                      \
+                    prefetch_row(table + ids[j + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T));      \
+                const T *restrict row = table + ids[j] * d;                                         \
+                const float wj = w[j];                                                              \
+                _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * LOAD(row[c]);      \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+/* out[b * K + k] = grad_out[b] . table[ids[b * K + k]]  (weight gradient of fixed-size bags) */
+#define DEFINE_BAG_DOT(NAME, T, LOAD)                                                                 \
+    void NAME(const T *table, int64_t d, const int64_t *ids, int64_t K, const float *grad_out,         \
+              float *out, int64_t start, int64_t stop) {                                              \
+        const int64_t last = stop * K;                                                                \
+        for (int64_t b = start; b < stop; b++) {                                                      \
+            const float *g = grad_out + b * d;                                                        \
+            for (int64_t k = 0; k < K; k++) {                                                         \
+                const int64_t j = b * K + k;                                                          \
+                if (j + PREFETCH_AHEAD < last)                                                        \
+                    prefetch_row(table + ids[j + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T));        \
+                const T *restrict row = table + ids[j] * d;                                           \
+                float acc = 0.0f;                                                                     \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < d; c++) acc +=         \
+                    g[c] * LOAD(row[c]);                                                              \
+                out[j] = acc;                                                                         \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+DEFINE_BAG(bag_f32, float, F32_LOAD)
+DEFINE_BAG(bag_bf16, uint16_t, BF16_LOAD)
+DEFINE_BAG_DOT(bag_dot_f32, float, F32_LOAD)
+DEFINE_BAG_DOT(bag_dot_bf16, uint16_t, BF16_LOAD)
+
+/* acc = scale * sum over the members of segment u of w * grad_out[bag] */
+static inline void segment_grad(int64_t u, const int64_t *seg, const int64_t *bags, const float *w,
+                                const float *grad_out, int64_t d, float scale, float *restrict acc) {
+    for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
+    for (int64_t j = seg[u]; j < seg[u + 1]; j++) {
+        const float *restrict g = grad_out + bags[j] * d;
+        const float wj = w[j] * scale;
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) acc[c] += wj * g[c];
+    }
+}
+
+/* sum over segments in [start, stop) of |row gradient|^2 (for gradient clipping) */
+double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w, const float *grad_out,
+                        int64_t d, int64_t start, int64_t stop) {
+    float acc[d];
+    double total = 0.0;
+    for (int64_t u = start; u < stop; u++) {
+        segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc);
+        float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < d; c++) sq += acc[c] * acc[c];
+        total += sq;
+    }
+    return total;
+}
+
+#define ROW_PREFETCH(T)                                                                  \
+    if (u + PREFETCH_AHEAD < stop) prefetch_row(table + rows[u + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T))
+
+/* SGD with decoupled weight decay on the touched rows: p = p * (1 - lr * wd) - lr * g */
+#define DEFINE_SGD(NAME, T, LOAD, STORE)                                                                 \
+    void NAME(T *table, int64_t d, const int64_t *rows, const int64_t *seg, const int64_t *bags,          \
+              const float *w, const float *grad_out, float scale, float lr, float wd, int64_t start,      \
+              int64_t stop) {                                                                             \
+        float g[d];                                                                                       \
+        const float decay = 1.0f - lr * wd;                                                               \
+        for (int64_t u = start; u < stop; u++) {                                                          \
+            ROW_PREFETCH(T);                                                                              \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            T *p = table + rows[u] * d;                                                                   \
+            for (int64_t c = 0; c < d; c++) p[c] = STORE(LOAD(p[c]) * decay - lr * g[c]);                 \
+        }                                                                                                 \
+    }
+
+/* Row-wise Adagrad (one float32 state per row, as FBGEMM's embedding tables):
+ * s += mean(g^2); p = p * (1 - lr * wd) - lr * g / (sqrt(s) + eps) */
+#define DEFINE_ADAGRAD(NAME, T, LOAD, STORE)                                                             \
+    void NAME(T *table, float *state, int64_t d, const int64_t *rows, const int64_t *seg,                 \
+              const int64_t *bags, const float *w, const float *grad_out, float scale, float lr, float eps, \
+              float wd, int64_t start, int64_t stop) {                                                    \
+        float g[d];                                                                                       \
+        const float decay = 1.0f - lr * wd;                                                               \
+        for (int64_t u = start; u < stop; u++) {                                                          \
+            ROW_PREFETCH(T);                                                                              \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            float sq = 0.0f;                                                                              \
+            _Pragma("omp simd reduction(+ : sq)") for (int64_t c = 0; c < d; c++) sq += g[c] * g[c];      \
+            const int64_t r = rows[u];                                                                    \
+            const float s = state[r] + sq / (float)d;                                                     \
+            state[r] = s;                                                                                 \
+            const float step = lr / (sqrtf(s) + eps);                                                     \
+            T *p = table + r * d;                                                                         \
+            for (int64_t c = 0; c < d; c++) p[c] = STORE(LOAD(p[c]) * decay - step * g[c]);               \
+        }                                                                                                 \
+    }
+
+/* AdamW on the touched rows with a per-row step count (bias correction of a row
+ * first touched late is that of its own first step):
+ * m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+ * p = p * (1 - lr * wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
+#define DEFINE_ADAM(NAME, T, LOAD, STORE, S, SLOAD, SSTORE)                                              \
+    void NAME(T *table, S *exp_avg, S *exp_avg_sq, int32_t *steps, int64_t d, const int64_t *rows,        \
+              const int64_t *seg, const int64_t *bags, const float *w, const float *grad_out, float scale, \
+              float lr, float beta1, float beta2, float eps, float wd, int64_t start, int64_t stop) {      \
+        float g[d];                                                                                       \
+        const float decay = 1.0f - lr * wd;                                                               \
+        for (int64_t u = start; u < stop; u++) {                                                          \
+            ROW_PREFETCH(T);                                                                              \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            const int64_t r = rows[u];                                                                    \
+            const int32_t t = steps[r] + 1;                                                               \
+            steps[r] = t;                                                                                 \
+            const float step_size = lr / (1.0f - powf(beta1, (float)t));                                  \
+            const float root_bc2 = sqrtf(1.0f - powf(beta2, (float)t));                                   \
+            T *p = table + r * d;                                                                         \
+            S *m = exp_avg + r * d;                                                                       \
+            S *v = exp_avg_sq + r * d;                                                                    \
+            for (int64_t c = 0; c < d; c++) {                                                             \
+                const float mc = beta1 * SLOAD(m[c]) + (1.0f - beta1) * g[c];                             \
+                const float vc = beta2 * SLOAD(v[c]) + (1.0f - beta2) * g[c] * g[c];                      \
+                m[c] = SSTORE(mc);                                                                        \
+                v[c] = SSTORE(vc);                                                                        \
+                p[c] = STORE(LOAD(p[c]) * decay - step_size * mc / (sqrtf(vc) / root_bc2 + eps));         \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+DEFINE_SGD(sgd_f32, float, F32_LOAD, F32_STORE)
+DEFINE_SGD(sgd_bf16, uint16_t, BF16_LOAD, BF16_STORE)
+DEFINE_ADAGRAD(adagrad_f32, float, F32_LOAD, F32_STORE)
+DEFINE_ADAGRAD(adagrad_bf16, uint16_t, BF16_LOAD, BF16_STORE)
+DEFINE_ADAM(adam_f32_f32, float, F32_LOAD, F32_STORE, float, F32_LOAD, F32_STORE)
+DEFINE_ADAM(adam_f32_bf16, float, F32_LOAD, F32_STORE, uint16_t, BF16_LOAD, BF16_STORE)
+DEFINE_ADAM(adam_bf16_f32, uint16_t, BF16_LOAD, BF16_STORE, float, F32_LOAD, F32_STORE)
+DEFINE_ADAM(adam_bf16_bf16, uint16_t, BF16_LOAD, BF16_STORE, uint16_t, BF16_LOAD, BF16_STORE)

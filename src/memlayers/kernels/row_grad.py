@@ -1,0 +1,145 @@
+"""RowGrad: the gradient of a value table as rows, kept factored until it is used.
+
+A bag read ``out[b] = sum_k w[b, k] * V[ids[b, k]]`` gives the table the
+gradient ``dV[r] = sum over lookups (b, k) of row r of w[b, k] * grad_out[b]``.
+Rather than writing that out (a dense ``N x d`` tensor, or ``U x d`` for the
+``U`` touched rows, which costs page faults and bandwidth), the backward only
+records its factors: the lookups, their weights and ``grad_out``. Every memory
+layer that reads a shared table, and every micro-batch of gradient
+accumulation, appends one part; their sum is the concatenation.
+
+When the gradient is used, :meth:`RowGrad.segments` sorts all lookups by row
+(stable, so the summation order and result are deterministic), and
+
+- :meth:`rows` gives the unique touched row ids and their summed gradients;
+- :meth:`sq_norm` the squared norm, for clipping, without writing rows out;
+- the row-sparse optimizers of :mod:`memlayers.kernels.row_update` reduce each
+  row's segment and update that row in one pass.
+
+``scale`` multiplies the whole gradient (gradient clipping sets it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memlayers.kernels import cpu
+from memlayers.kernels.bag_ops import CpuOps, TorchOps
+
+
+@dataclass
+class Segments:
+    """All lookups of a :class:`RowGrad` grouped by row.
+
+    Segment ``u`` is row ``rows[u]``; its lookups are members
+    ``offsets[u]:offsets[u+1]`` of ``bags`` (row of ``grad_out`` they came
+    from) and ``weights``.
+    """
+
+    rows: torch.Tensor  # (U,) int64, ascending
+    offsets: torch.Tensor  # (U + 1,) int64
+    bags: torch.Tensor  # (M,) int64
+    weights: torch.Tensor  # (M,) float32 (float64 for float64 gradients)
+    grad_out: torch.Tensor  # (B_total, d) likewise
+
+
+class RowGrad:
+    """The factored gradient of an ``(n_rows, dim)`` table (see the module docstring)."""
+
+    def __init__(self, n_rows: int, dim: int, ops=TorchOps):
+        self.n_rows = n_rows
+        self.dim = dim
+        self.ops = ops
+        self.scale = 1.0
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._segments: Segments | None = None
+
+    def add(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """Add the gradient of one bag read: ``ids``, ``weights`` ``(B, K)``, ``grad_out`` ``(B, d)``."""
+        if grad_out.shape[-1] != self.dim or ids.shape[:-1] != grad_out.shape[:-1] or ids.shape != weights.shape:
+            raise ValueError(
+                f"row gradient part has ids {tuple(ids.shape)}, weights {tuple(weights.shape)}, "
+                f"grad_out {tuple(grad_out.shape)}; expected (B, K), (B, K), (B, {self.dim})"
+            )
+        dtype = torch.promote_types(grad_out.dtype, torch.float32)
+        self._parts.append((ids.detach(), weights.detach().to(dtype), grad_out.detach().to(dtype)))
+        self._segments = None
+
+    @property
+    def n_lookups(self) -> int:
+        """Number of recorded lookups (over all parts)."""
+        return sum(ids.numel() for ids, _, _ in self._parts)
+
+    def segments(self) -> Segments:
+        """Lookups sorted by row and grouped into segments (computed once, cached)."""
+        if self._segments is not None:
+            return self._segments
+        ids, bags, weights, grads, base = [], [], [], [], 0
+        for part_ids, part_weights, grad_out in self._parts:
+            B, K = part_ids.shape
+            ids.append(part_ids.reshape(-1))
+            bags.append(torch.arange(B * K, device=grad_out.device) // K + base)  # (B*K,)
+            weights.append(part_weights.reshape(-1))
+            grads.append(grad_out)
+            base += B
+        device = self._parts[0][2].device if self._parts else torch.device("cpu")
+        if not self._parts:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            self._segments = Segments(empty, torch.zeros(1, dtype=torch.long, device=device), empty,
+                                      torch.zeros(0, device=device), torch.zeros(0, self.dim, device=device))
+            return self._segments
+        flat = torch.cat(ids)  # (M,)
+        sorted_ids, order = torch.sort(flat, stable=True)  # (M,)
+        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)  # (U,)
+        offsets = torch.zeros(rows.numel() + 1, dtype=torch.long, device=device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        self._segments = Segments(
+            rows=rows,
+            offsets=offsets,
+            bags=torch.cat(bags)[order].contiguous(),
+            weights=torch.cat(weights)[order].contiguous(),
+            grad_out=torch.cat(grads).contiguous(),
+        )
+        return self._segments
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique touched rows ``(U,)`` and their summed, scaled gradients ``(U, dim)`` float32."""
+        seg = self.segments()
+        grads = self.ops.bag(seg.grad_out, seg.bags, seg.weights, seg.offsets)  # (U, dim)
+        if self.scale != 1.0:
+            grads.mul_(self.scale)
+        return seg.rows, grads
+
+    def sq_norm(self) -> float:
+        """Squared Frobenius norm of the (scaled) gradient."""
+        seg = self.segments()
+        if self.ops is CpuOps and seg.grad_out.dtype == torch.float32:
+            parts = cpu.parallel_for(
+                cpu.library().row_grad_sq_norm, seg.rows.numel(), cpu.ptr(seg.offsets), cpu.ptr(seg.bags),
+                cpu.ptr(seg.weights), cpu.ptr(seg.grad_out), self.dim, grain=64,
+            )
+            return float(sum(parts)) * self.scale**2
+        return float(self.rows()[1].double().square().sum())
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The gradient as a dense ``(n_rows, dim)`` tensor (what a dense optimizer needs)."""
+        rows, grads = self.rows()
+        dense = torch.zeros(self.n_rows, self.dim, dtype=grads.dtype, device=grads.device)
+        dense.index_copy_(0, rows, grads)  # rows are unique
+        return dense if dtype is None else dense.to(dtype)
+
+
+def row_grad_of(param: torch.Tensor) -> RowGrad | None:
+    """The row gradient accumulated on ``param`` by ``table_grad="rows"`` reads, or None."""
+    return getattr(param, "row_grad", None)
+
+
+def accumulate_row_grad(param: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, ops) -> None:
+    """Add one bag read's gradient to ``param.row_grad`` (creating it on first use)."""
+    grad = row_grad_of(param)
+    if grad is None:
+        grad = RowGrad(param.shape[0], param.shape[1], ops)
+        param.row_grad = grad
+    grad.add(ids, weights, grad_out)

@@ -6,12 +6,32 @@ from pathlib import Path
 import torch
 
 
-def test_readme_example():
+def readme_examples() -> list[str]:
     readme = Path(__file__).resolve().parents[1] / "README.md"
-    code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+
+
+def run(code: str) -> dict:
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
+def test_readme_example():
+    scope = run(readme_examples()[0])
     assert scope["y"].shape == (2, 128, 512)
     assert torch.isfinite(scope["loss"])
     model = scope["model"]
     assert [layer.pool for layer in model.memory_layers()] == [model.memory_pool] * 2
+
+
+def test_readme_row_sparse_example_touches_only_read_rows():
+    torch.manual_seed(0)
+    code = readme_examples()[1]
+    scope = run(code.replace("RowAdagrad([table], lr=1e-2).step()", "before = table.detach().clone()\nRowAdagrad([table], lr=1e-2).step()"))
+    table, indices = scope["table"], scope["indices"]
+    assert table.grad is None and scope["out"].shape == (512, 256)
+    moved = (table.detach() != scope["before"]).any(dim=1)
+    read = torch.zeros(table.shape[0], dtype=torch.bool)
+    read[indices.unique()] = True
+    assert torch.equal(moved, read)

@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | generate | demo``."""
+"""The ``memlayers`` command line: ``info | train | eval | generate | demo | bench``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Kernel, step and memory benchmarks: a markdown table on stdout, JSON to ``--out``."""
+    from memlayers.bench import NAMES, render, run
+
+    names = tuple(args.names) or NAMES
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        raise ConfigError("", f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
+    results = run(names, device=args.device, quick=args.quick, repeat=args.repeat)
+    print(render(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``memlayers`` command."""
     parser = argparse.ArgumentParser(prog="memlayers", description="Language models with product-key memory layers.")
@@ -176,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ablations", metavar="FILE", help="train the variants of an ablation YAML instead "
                       "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
+    bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth (default: all)")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bench.add_argument("--repeat", type=int, default=5, help="timed repeats per measurement (median reported)")
+    bench.add_argument("--out", help="write the results as JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -102,13 +102,13 @@ def _fast(ops) -> Callable[..., torch.Tensor]:
     return run
 
 
+OPS = {"torch_rows": TorchOps, "cpu": CpuOps, "triton": TritonOps, "triton_atomic": TritonAtomicOps}
+"""The raw ops (:mod:`memlayers.kernels.bag_ops`) behind each fast backend."""
+
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": embedding_bag_reference,
     "torch": embedding_bag_torch,
-    "torch_rows": _fast(TorchOps),
-    "cpu": _fast(CpuOps),
-    "triton": _fast(TritonOps),
-    "triton_atomic": _fast(TritonAtomicOps),
+    **{name: _fast(ops) for name, ops in OPS.items()},
 }
 
 
@@ -170,4 +170,9 @@ def embedding_bag(
             raise ValueError(f"backend 'cpu' takes float32 or bfloat16 CPU tables, got {table.dtype} on {table.device}")
         if not cpu.available():
             raise ValueError("backend 'cpu' needs the C kernels, which could not be built (no C compiler); use backend 'auto'")
+        # the C kernels read rows by raw address: an id out of range would read out of bounds
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= table.shape[0]):
+            raise IndexError(
+                f"embedding_bag: indices must lie in [0, {table.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
     return BACKENDS[name](indices, weights, table, table_grad)

@@ -76,31 +76,35 @@ class RowGrad:
         """Lookups sorted by row and grouped into segments (computed once, cached)."""
         if self._segments is not None:
             return self._segments
-        ids, bags, weights, grads, base = [], [], [], [], 0
-        for part_ids, part_weights, grad_out in self._parts:
-            B, K = part_ids.shape
-            ids.append(part_ids.reshape(-1))
-            bags.append(torch.arange(B * K, device=grad_out.device) // K + base)  # (B*K,)
-            weights.append(part_weights.reshape(-1))
-            grads.append(grad_out)
-            base += B
         device = self._parts[0][2].device if self._parts else torch.device("cpu")
         if not self._parts:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             self._segments = Segments(empty, torch.zeros(1, dtype=torch.long, device=device), empty,
                                       torch.zeros(0, device=device), torch.zeros(0, self.dim, device=device))
             return self._segments
-        flat = torch.cat(ids)  # (M,)
-        sorted_ids, order = torch.sort(flat, stable=True)  # (M,)
+        flat = torch.cat([ids.reshape(-1) for ids, _, _ in self._parts])  # (M,)
+        if self.n_rows < 2**31:
+            flat = flat.to(torch.int32)  # sorts faster than int64
+        sorted_ids, order = torch.sort(flat, stable=True)  # (M,): stable, so sums are deterministic
         rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)  # (U,)
         offsets = torch.zeros(rows.numel() + 1, dtype=torch.long, device=device)
         torch.cumsum(counts, 0, out=offsets[1:])
+        if len(self._parts) == 1:
+            bags = torch.div(order, self._parts[0][0].shape[1], rounding_mode="floor")  # (M,)
+        else:
+            bag_of, base = [], 0
+            for ids, _, _ in self._parts:
+                B, K = ids.shape
+                bag_of.append(torch.arange(B * K, device=device) // K + base)  # (B*K,)
+                base += B
+            bags = torch.cat(bag_of).index_select(0, order)  # (M,)
+        weights = torch.cat([w.reshape(-1) for _, w, _ in self._parts]).index_select(0, order)  # (M,)
         self._segments = Segments(
-            rows=rows,
+            rows=rows.long(),
             offsets=offsets,
-            bags=torch.cat(bags)[order].contiguous(),
-            weights=torch.cat(weights)[order].contiguous(),
-            grad_out=torch.cat(grads).contiguous(),
+            bags=bags.contiguous(),
+            weights=weights.contiguous(),
+            grad_out=torch.cat([g for _, _, g in self._parts]).contiguous(),
         )
         return self._segments
 

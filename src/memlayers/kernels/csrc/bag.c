@@ -43,42 +43,70 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
 }
 
+/* Rows are read UNROLL at a time: independent streams keep enough loads in
+ * flight to approach memory bandwidth (one row at a time is latency-bound). */
+#define UNROLL 8
+
 /* out[s] = sum_{j in [offsets[s], offsets[s+1])} w[j] * table[ids[j]]  (CSR bags, float32 out) */
-#define DEFINE_BAG(NAME, T, LOAD)                                                                   \
-    void NAME(const T *table, int64_t d, const int64_t *ids, const float *w, const int64_t *offsets, \
-              float *out, int64_t start, int64_t stop) {                                            \
-        const int64_t last = offsets[stop];                                                         \
-        for (int64_t s = start; s < stop; s++) {                                                    \
-            float *restrict o = out + s * d;                                                        \
-            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;                                            \
-            for (int64_t j = offsets[s]; j < offsets[s + 1]; j++) {                                 \
-                if (j + PREFETCH_AHEAD < last)                                                      \
-                    prefetch_row(table + ids[j + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T));      \
-                const T *restrict row = table + ids[j] * d;                                         \
-                const float wj = w[j];                                                              \
-                _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * LOAD(row[c]);      \
-            }                                                                                       \
-        }                                                                                           \
+#define DEFINE_BAG(NAME, T, LOAD)                                                                      \
+    void NAME(const T *table, int64_t d, const int64_t *ids, const float *w, const int64_t *offsets,    \
+              float *out, int64_t start, int64_t stop) {                                               \
+        for (int64_t s = start; s < stop; s++) {                                                       \
+            float *restrict o = out + s * d;                                                           \
+            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;                                               \
+            int64_t j = offsets[s];                                                                    \
+            const int64_t end = offsets[s + 1];                                                        \
+            for (; j + UNROLL <= end; j += UNROLL) {                                                   \
+                const T *restrict r[UNROLL];                                                           \
+                float x[UNROLL];                                                                       \
+                for (int q = 0; q < UNROLL; q++) {                                                     \
+                    r[q] = table + ids[j + q] * d;                                                     \
+                    x[q] = w[j + q];                                                                   \
+                }                                                                                      \
+                _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] +=                            \
+                    x[0] * LOAD(r[0][c]) + x[1] * LOAD(r[1][c]) + x[2] * LOAD(r[2][c]) +               \
+                    x[3] * LOAD(r[3][c]) + x[4] * LOAD(r[4][c]) + x[5] * LOAD(r[5][c]) +               \
+                    x[6] * LOAD(r[6][c]) + x[7] * LOAD(r[7][c]);                                       \
+            }                                                                                          \
+            for (; j < end; j++) {                                                                     \
+                const T *restrict row = table + ids[j] * d;                                            \
+                const float wj = w[j];                                                                 \
+                _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * LOAD(row[c]);         \
+            }                                                                                          \
+        }                                                                                              \
     }
 
 /* out[b * K + k] = grad_out[b] . table[ids[b * K + k]]  (weight gradient of fixed-size bags) */
-#define DEFINE_BAG_DOT(NAME, T, LOAD)                                                                 \
-    void NAME(const T *table, int64_t d, const int64_t *ids, int64_t K, const float *grad_out,         \
-              float *out, int64_t start, int64_t stop) {                                              \
-        const int64_t last = stop * K;                                                                \
-        for (int64_t b = start; b < stop; b++) {                                                      \
-            const float *g = grad_out + b * d;                                                        \
-            for (int64_t k = 0; k < K; k++) {                                                         \
-                const int64_t j = b * K + k;                                                          \
-                if (j + PREFETCH_AHEAD < last)                                                        \
-                    prefetch_row(table + ids[j + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T));        \
-                const T *restrict row = table + ids[j] * d;                                           \
-                float acc = 0.0f;                                                                     \
-                _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < d; c++) acc +=         \
-                    g[c] * LOAD(row[c]);                                                              \
-                out[j] = acc;                                                                         \
-            }                                                                                         \
-        }                                                                                             \
+#define DEFINE_BAG_DOT(NAME, T, LOAD)                                                                  \
+    void NAME(const T *table, int64_t d, const int64_t *ids, int64_t K, const float *grad_out,          \
+              float *out, int64_t start, int64_t stop) {                                               \
+        for (int64_t b = start; b < stop; b++) {                                                       \
+            const float *restrict g = grad_out + b * d;                                                \
+            int64_t j = b * K;                                                                         \
+            const int64_t end = (b + 1) * K;                                                           \
+            for (; j + UNROLL / 2 <= end; j += UNROLL / 2) {                                           \
+                const T *restrict r0 = table + ids[j] * d, *restrict r1 = table + ids[j + 1] * d;      \
+                const T *restrict r2 = table + ids[j + 2] * d, *restrict r3 = table + ids[j + 3] * d;  \
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                      \
+                _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t c = 0; c < d; c++) {    \
+                    a0 += g[c] * LOAD(r0[c]);                                                          \
+                    a1 += g[c] * LOAD(r1[c]);                                                          \
+                    a2 += g[c] * LOAD(r2[c]);                                                          \
+                    a3 += g[c] * LOAD(r3[c]);                                                          \
+                }                                                                                      \
+                out[j] = a0;                                                                           \
+                out[j + 1] = a1;                                                                       \
+                out[j + 2] = a2;                                                                       \
+                out[j + 3] = a3;                                                                       \
+            }                                                                                          \
+            for (; j < end; j++) {                                                                     \
+                const T *restrict row = table + ids[j] * d;                                            \
+                float acc = 0.0f;                                                                      \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < d; c++) acc +=          \
+                    g[c] * LOAD(row[c]);                                                               \
+                out[j] = acc;                                                                          \
+            }                                                                                          \
+        }                                                                                              \
     }
 
 DEFINE_BAG(bag_f32, float, F32_LOAD)
@@ -88,9 +116,11 @@ DEFINE_BAG_DOT(bag_dot_bf16, uint16_t, BF16_LOAD)
 
 /* acc = scale * sum over the members of segment u of w * grad_out[bag] */
 static inline void segment_grad(int64_t u, const int64_t *seg, const int64_t *bags, const float *w,
-                                const float *grad_out, int64_t d, float scale, float *restrict acc) {
+                                const float *grad_out, int64_t d, float scale, float *restrict acc, int64_t last) {
     for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
     for (int64_t j = seg[u]; j < seg[u + 1]; j++) {
+        /* grad_out rows are read in random order: fetch ahead */
+        if (j + PREFETCH_AHEAD < last) prefetch_row(grad_out + bags[j + PREFETCH_AHEAD] * d, d * 4);
         const float *restrict g = grad_out + bags[j] * d;
         const float wj = w[j] * scale;
 #pragma omp simd
@@ -104,7 +134,7 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
     float acc[d];
     double total = 0.0;
     for (int64_t u = start; u < stop; u++) {
-        segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc);
+        segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc, seg[stop]);
         float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
         for (int64_t c = 0; c < d; c++) sq += acc[c] * acc[c];
@@ -113,8 +143,9 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
     return total;
 }
 
-#define ROW_PREFETCH(T)                                                                  \
-    if (u + PREFETCH_AHEAD < stop) prefetch_row(table + rows[u + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T))
+/* prefetch row rows[u + PREFETCH_AHEAD] of a (N, d) array of element type T */
+#define ROW_PREFETCH(BASE, T)                                                                \
+    if (u + PREFETCH_AHEAD < stop) prefetch_row((BASE) + rows[u + PREFETCH_AHEAD] * d, d * (int64_t)sizeof(T))
 
 /* SGD with decoupled weight decay on the touched rows: p = p * (1 - lr * wd) - lr * g */
 #define DEFINE_SGD(NAME, T, LOAD, STORE)                                                                 \
@@ -124,8 +155,8 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
-            ROW_PREFETCH(T);                                                                              \
-            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            ROW_PREFETCH(table, T);                                                                              \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g, seg[stop]);                                  \
             T *p = table + rows[u] * d;                                                                   \
             for (int64_t c = 0; c < d; c++) p[c] = STORE(LOAD(p[c]) * decay - lr * g[c]);                 \
         }                                                                                                 \
@@ -140,8 +171,8 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
-            ROW_PREFETCH(T);                                                                              \
-            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            ROW_PREFETCH(table, T);                                                                              \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g, seg[stop]);                                  \
             float sq = 0.0f;                                                                              \
             _Pragma("omp simd reduction(+ : sq)") for (int64_t c = 0; c < d; c++) sq += g[c] * g[c];      \
             const int64_t r = rows[u];                                                                    \
@@ -164,8 +195,10 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
-            ROW_PREFETCH(T);                                                                              \
-            segment_grad(u, seg, bags, w, grad_out, d, scale, g);                                         \
+            ROW_PREFETCH(table, T);                                                                       \
+            ROW_PREFETCH(exp_avg, S);                                                                     \
+            ROW_PREFETCH(exp_avg_sq, S);                                                                  \
+            segment_grad(u, seg, bags, w, grad_out, d, scale, g, seg[stop]);                                  \
             const int64_t r = rows[u];                                                                    \
             const int32_t t = steps[r] + 1;                                                               \
             steps[r] = t;                                                                                 \

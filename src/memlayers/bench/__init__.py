@@ -1,0 +1,52 @@
+"""Benchmarks of the memory kernels (``memlayers bench``), each measured side by side in one run.
+
+- ``bag`` (a): embedding-bag fwd+bwd / fwd, ours vs torch, 1M x 256 rows, 16k bags of 128;
+- ``step`` (b): a memory layer's training step at 1024**2 slots / at 256**2, per value optimizer;
+- ``memory`` (c): peak bytes per value parameter while training, per optimizer and dtype;
+- ``bandwidth`` (d, GPU only): kernel bandwidth as a fraction of device copy bandwidth.
+
+``run`` returns one JSON-ready dict; ``quick=True`` shrinks every shape (for tests).
+"""
+
+from __future__ import annotations
+
+from memlayers.bench.bag import BagShape, bench_bag_bandwidth, bench_bag_ratio
+from memlayers.bench.memory import MemoryShape, bench_memory
+from memlayers.bench.report import render
+from memlayers.bench.step import StepShape, bench_step
+from memlayers.bench.timing import environment, pick_device
+
+NAMES = ("bag", "step", "memory", "bandwidth")
+QUICK = {
+    "bag": BagShape(n_rows=64**2, dim=32, bags=256, bag_size=16),
+    "step": StepShape(small_keys=16, large_keys=64, dim=32, heads=2, knn=8, k_dim=16, tokens=128),
+    "memory": MemoryShape(n_rows=256**2, dim=32, bags=256, bag_size=16, steps=2),
+}
+
+
+def run(names: tuple[str, ...] = NAMES, device: str = "auto", quick: bool = False, repeat: int = 5) -> dict:
+    """Run the named benchmarks; ``bandwidth`` is skipped without a GPU."""
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
+    dev = pick_device(device)
+    results: dict = {"environment": environment(dev), "quick": quick}
+
+    def shape(key, default):
+        return QUICK[key] if quick else default
+
+    if "bag" in names:
+        results["bag"] = bench_bag_ratio(shape("bag", BagShape()), dev, repeat)
+    if "step" in names:
+        results["step"] = bench_step(shape("step", StepShape()), dev, repeat)
+    if "memory" in names:
+        results["memory"] = bench_memory(shape("memory", MemoryShape()), dev)
+    if "bandwidth" in names:
+        if dev.type == "cuda":
+            results["bandwidth"] = bench_bag_bandwidth(shape("bag", BagShape()), dev, repeat)
+        else:
+            results["bandwidth"] = {"skipped": "needs a CUDA device"}
+    return results
+
+
+__all__ = ["NAMES", "render", "run"]

@@ -1,0 +1,68 @@
+"""Timing and memory measurement shared by the benchmarks.
+
+Timings are medians over repeats after warm-up, with the device synchronised
+around each call; every benchmark compares variants measured in the same run,
+so machine-to-machine speed cancels out of the ratios it reports.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the device the benchmark ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Date, device and versions, stored beside every result."""
+    return {"date": date.today().isoformat(), "device": device_name(device), "torch": torch.__version__}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of ``rows`` (floats to 3 significant digits)."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""memlayers bench at tiny shapes: results are consistent with themselves and with what
+the measured configurations must hold (no timing thresholds: timing belongs to the benchmarks)."""
+
+import json
+
+import pytest
+
+from memlayers import bench
+from memlayers.cli import main
+
+
+def test_bag_results_are_self_consistent():
+    r = bench.run(("bag",), device="cpu", quick=True, repeat=2)["bag"]
+    for name in ("torch", "ours"):
+        assert r[f"{name}_fwd_ms"] > 0
+        assert r[f"{name}_ratio"] == pytest.approx(r[f"{name}_fwd_bwd_ms"] / r[f"{name}_fwd_ms"])
+    assert r["meets_target"] == (r["ours_ratio"] <= r["target_ratio"])
+    assert r["speedup_fwd_bwd_vs_torch"] == pytest.approx(r["torch_fwd_bwd_ms"] / r["ours_fwd_bwd_ms"])
+    assert r["backend"] in ("cpu", "torch_rows")
+
+
+def test_step_results_cover_every_optimizer_and_touched_rows():
+    r = bench.run(("step",), device="cpu", quick=True, repeat=1)["step"]
+    shape = r["shape"]
+    assert set(r["optimizers"]) == {"adamw", "row_adamw", "row_adagrad"}
+    for row in r["optimizers"].values():
+        assert row["ratio"] == pytest.approx(row["large_ms"] / row["small_ms"])
+        assert row["values_ratio"] == pytest.approx(row["values_large_ms"] / row["values_small_ms"])
+        assert 0 < row["values_large_ms"] < row["large_ms"]  # the value-table part is part of the step
+        # the small memory has 16**2 = 256 slots: the batch reads at most all of them
+        assert 0 < row["touched_rows_small"] <= shape["small_keys"] ** 2
+        assert row["touched_rows_small"] <= row["touched_rows_large"] <= shape["large_keys"] ** 2
+    assert r["optimizers"]["adamw"]["large_speedup_vs_adamw"] == 1.0
+
+
+@pytest.mark.slow
+def test_memory_peaks_account_for_table_gradient_and_state():
+    """Each case's peak holds at least its table and state; dense AdamW at least table,
+    gradient and two moments (16 bytes per fp32 value); row-wise Adagrad far less."""
+    cases = {c["name"]: c for c in bench.run(("memory",), device="cpu", quick=True)["memory"]["cases"]}
+    dense = cases["dense AdamW, fp32"]["bytes_per_param"]
+    assert dense >= 16
+    assert cases["row AdamW, fp32"]["bytes_per_param"] >= 12  # table + two fp32 moments
+    assert cases["row AdamW, bf16 table + state"]["bytes_per_param"] >= 6  # table + two bf16 moments
+    assert 2 <= cases["row Adagrad, bf16 table"]["bytes_per_param"] < cases["row AdamW, bf16 table + state"]["bytes_per_param"]
+    assert cases["row Adagrad, fp32"]["bytes_per_param"] < dense / 3
+    for case in cases.values():
+        assert case["meets_target"] in (None, case["bytes_per_param"] <= (case["target"] or 0))
+
+
+def test_cli_writes_json_and_renders_tables(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "bag", "bandwidth", "--quick", "--device", "cpu", "--repeat", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and results["environment"]["device"]
+    assert results["bandwidth"] == {"skipped": "needs a CUDA device"}
+    assert "(a) embedding bag" in printed and f"{results['bag']['ours_ratio']:.2f}" in printed
+
+
+def test_unknown_benchmark_is_a_config_error(capsys):
+    assert main(["bench", "speed"]) == 2
+    assert "unknown benchmark(s) ['speed']" in capsys.readouterr().err

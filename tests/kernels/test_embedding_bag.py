@@ -59,9 +59,10 @@ def test_reference_equals_naive_loop(dtype):
 
 @pytest.mark.parametrize(("backend", "dtype"), CASES)
 @pytest.mark.parametrize("lead", [(7,), (2, 3), (2, 2, 2)])
-def test_backend_matches_reference_forward_and_backward(backend, dtype, lead):
+@pytest.mark.parametrize("bag", [6, 19])  # 19: the C kernels' 8-row and 4-row unrolled loops plus a tail
+def test_backend_matches_reference_forward_and_backward(backend, dtype, lead, bag):
     skip_unavailable(backend)
-    indices, weights, table = random_case(dtype, lead=lead, seed=len(lead))
+    indices, weights, table = random_case(dtype, lead=lead, bag=bag, seed=len(lead))
     w_ref, t_ref = weights.clone().requires_grad_(), table.clone().requires_grad_()
     w, t = weights.clone().requires_grad_(), table.clone().requires_grad_()
     grad = torch.randn(*lead, table.shape[1], dtype=dtype)
@@ -115,7 +116,7 @@ def test_row_gradients_accumulate_over_layers_and_micro_batches():
 
 @pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
 def test_cpu_kernels_take_bfloat16_tables():
-    indices, weights, table = random_case(torch.float32, lead=(6,), bag=5, rows=20, dim=9, seed=7)
+    indices, weights, table = random_case(torch.float32, lead=(6,), bag=19, rows=20, dim=9, seed=7)
     table = table.bfloat16()
     t, t_ref = table.clone().requires_grad_(), table.float().requires_grad_()
     grad = torch.randn(6, 9)

@@ -23,7 +23,10 @@ def _step(r: dict) -> str:
     shape = r["shape"]
     rows = [
         {"value optimizer": name, f"{shape['small_keys']}^2 ms": o["small_ms"], f"{shape['large_keys']}^2 ms": o["large_ms"],
-         "ratio": o["ratio"], "values-only ratio": o["values_ratio"], "rows touched (large)": o["touched_rows_large"],
+         "ratio": o["ratio"], "values-only ratio": o["values_ratio"],
+         "rows touched": f"{o['touched_rows_small']:,} / {o['touched_rows_large']:,}",
+         "values-only us/row": f"{1e3 * o['values_small_ms'] / o['touched_rows_small']:.2f} / "
+                               f"{1e3 * o['values_large_ms'] / o['touched_rows_large']:.2f}",
          "large vs adamw": o.get("large_speedup_vs_adamw", float("nan"))}
         for name, o in r["optimizers"].items()
     ]

@@ -65,8 +65,9 @@ class ProductKeySearch(nn.Module):
         """
         knn, n_keys = self.config.knn, self.config.n_keys
         s1, s2 = self.half_scores(x)
-        top1, idx1 = s1.topk(knn, dim=-1)  # (..., heads, knn)
-        top2, idx2 = s2.topk(knn, dim=-1)  # (..., heads, knn)
+        # candidates only: their order does not matter, and unsorted top-k is cheaper
+        top1, idx1 = s1.topk(knn, dim=-1, sorted=False)  # (..., heads, knn)
+        top2, idx2 = s2.topk(knn, dim=-1, sorted=False)  # (..., heads, knn)
         pair_scores = top1.unsqueeze(-1) + top2.unsqueeze(-2)  # (..., heads, knn, knn)
         scores, best = pair_scores.flatten(-2).topk(knn, dim=-1)  # (..., heads, knn)
         row = idx1.gather(-1, torch.div(best, knn, rounding_mode="floor"))  # (..., heads, knn)

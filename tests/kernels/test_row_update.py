@@ -135,3 +135,15 @@ def test_dense_gradient_rows_and_state_checks():
         row_update.adagrad_update(table, torch.zeros(5), (rows, g), lr=0.1)
     with pytest.raises(ValueError, match="int32"):
         row_update.adam_update(table, torch.zeros(6, 3), torch.zeros(6, 3), torch.zeros(6), (rows, g), lr=0.1)
+
+
+@pytest.mark.parametrize("ops", [TorchOps, CpuOps], ids=["reference", "fused"])
+def test_an_update_invalidates_graphs_that_saved_the_old_table(ops):
+    if ops is CpuOps and not cpu.available():
+        pytest.skip("no C compiler")
+    table = torch.nn.Parameter(torch.randn(N, D))
+    indices, weights = torch.randint(0, N, (3, 4)), torch.rand(3, 4, requires_grad=True)
+    stale = embedding_bag(indices, weights, table, table_grad="rows")  # saves the table for the weight gradient
+    row_update.sgd_update(table, row_grad(ops), lr=0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.sum().backward()

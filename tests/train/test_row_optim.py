@@ -10,7 +10,13 @@ from memlayers.kernels import embedding_bag, row_grad_of
 from memlayers.memory import MemoryConfig
 from memlayers.model.config import ModelConfig
 from memlayers.model.transformer import Transformer
-from memlayers.train.optim import ChainedOptimizer, OptimConfig, build_optimizer, clip_gradients, uses_row_grads
+from memlayers.train.optim import (
+    ChainedOptimizer,
+    OptimConfig,
+    build_optimizer,
+    clip_gradients,
+    uses_row_grads,
+)
 from memlayers.train.row_optim import RowAdagrad, RowAdamW, RowSGD
 
 

@@ -48,6 +48,8 @@ def _launch(name: str, dtypes: tuple[torch.dtype, ...], grad: RowGrad, tensors: 
     args += [cpu.ptr(seg.rows), cpu.ptr(seg.offsets), cpu.ptr(seg.bags), cpu.ptr(seg.weights), cpu.ptr(seg.grad_out)]
     args += [grad.scale, *scalars]
     cpu.parallel_for(cpu.kernel(name, *dtypes), seg.rows.numel(), *args, grain=64)
+    # written through raw pointers: tell autograd, so a graph that saved the old values fails loudly
+    torch.autograd.graph.increment_version(list(tensors))
 
 
 @torch.no_grad()

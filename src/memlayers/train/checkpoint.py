@@ -99,10 +99,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     groups = []
+    state = optimizer.state  # a ChainedOptimizer merges its children's on every access
     for group in optimizer.param_groups:
         groups.append({k: v for k, v in group.items() if k != "params"} | {"params": [names[id(p)] for p in group["params"]]})
         for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
+            for key, value in state.get(param, {}).items():
                 name = names[id(param)]
                 if torch.is_tensor(value) and value.dim() > 0:
                     tensors[f"{name}::{key}"] = value.detach().contiguous().cpu()

@@ -23,7 +23,7 @@ from torch import nn
 
 from memlayers.config import check
 from memlayers.kernels.row_grad import row_grad_of
-from memlayers.train.row_optim import ROW_OPTIMIZERS, RowAdamW
+from memlayers.train.row_optim import ROW_OPTIMIZERS, RowAdagrad, RowAdamW
 
 VALUE_PARAM = re.compile(r"(^|\.)(memory_pool|pool)\.(values|up)$")
 
@@ -136,7 +136,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
     kwargs = {"lr": config.value_lr, "weight_decay": config.value_weight_decay}
     if cls is RowAdamW:
         kwargs.update(betas=betas, eps=config.eps, state_dtype=getattr(torch, config.value_state_dtype))
-    elif cls is not ROW_OPTIMIZERS["row_sgd"]:
+    elif cls is RowAdagrad:
         kwargs["eps"] = config.eps
     optimizers = [torch.optim.AdamW(rest, lr=config.lr, betas=betas, eps=config.eps)] if rest else []
     if values:
@@ -158,8 +158,8 @@ def clip_gradients(optimizer: torch.optim.Optimizer | ChainedOptimizer, config: 
         rows = [g for g in map(row_grad_of, params) if g is not None]
         if not dense and not rows:
             continue
-        squares = [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))) ** 2] if dense else []
-        norm = math.sqrt(sum(squares) + sum(g.sq_norm() for g in rows))
+        dense_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))) if dense else 0.0
+        norm = math.sqrt(dense_norm**2 + sum(g.sq_norm() for g in rows))
         if limit is not None:
             coef = min(1.0, limit / (norm + 1e-6))
             if coef < 1.0:

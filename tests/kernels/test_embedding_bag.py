@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from memlayers.kernels import BACKENDS, cpu, embedding_bag, embedding_bag_reference
+from memlayers.kernels import BACKENDS, cpu, embedding_bag, embedding_bag_reference, embedding_dot
 from memlayers.kernels.row_grad import row_grad_of
 
 eb_module = importlib.import_module("memlayers.kernels.embedding_bag")  # the package re-exports the function's name
@@ -127,6 +127,33 @@ def test_cpu_kernels_take_bfloat16_tables():
     w = weights.clone().requires_grad_()
     embedding_bag(indices, w, t, backend="cpu").backward(grad.bfloat16())
     torch.testing.assert_close(w.grad, (t_ref[indices] * grad.bfloat16().float().unsqueeze(-2)).sum(-1).detach())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "torch_rows", "cpu", "triton"])
+@pytest.mark.parametrize("table_grad", ["dense", "rows"])
+def test_embedding_dot_matches_a_loop_with_both_gradients(backend, table_grad):
+    """PEER's read of expert inputs: out[b, k] = table[ids[b, k]] . x[b]."""
+    skip_unavailable(backend)
+    if backend in ("reference", "torch") and table_grad == "rows":
+        pytest.skip("dense-only backends")
+    indices, _, table = random_case(torch.float32, lead=(2, 3), bag=9, rows=12, dim=7, seed=11)
+    x = torch.randn(2, 3, 7)
+    expected = torch.stack([(table[indices[..., k]] * x).sum(-1) for k in range(9)], dim=-1)  # (2, 3, 9)
+    t, xg = torch.nn.Parameter(table.clone()), x.clone().requires_grad_()
+    t_ref, x_ref = table.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 3, 9)
+    out = embedding_dot(indices, t, xg, backend, table_grad)
+    torch.testing.assert_close(out, expected)
+    out.backward(grad)
+    (torch.einsum("...kd,...d->...k", t_ref[indices], x_ref) * grad).sum().backward()
+    torch.testing.assert_close(xg.grad, x_ref.grad)
+    if table_grad == "rows":
+        assert t.grad is None
+        torch.testing.assert_close(row_grad_of(t).to_dense(), t_ref.grad)
+    else:
+        torch.testing.assert_close(t.grad, t_ref.grad)
+    with pytest.raises(ValueError, match="do not fit"):
+        embedding_dot(indices, t, x[..., :-1], backend)
 
 
 def test_auto_picks_the_cpu_kernels_and_falls_back_to_torch(monkeypatch):

@@ -117,16 +117,22 @@ def test_clipping_scales_row_gradients_like_dense_ones():
 
 
 def test_peer_tables_train_with_row_optimizers():
-    """PEER's up-projection table has a dense gradient; its untouched rows stay put."""
+    """PEER's two tables (expert inputs ``up`` and outputs ``values``) both leave row
+    gradients; a step moves exactly the rows the batch selected, in both."""
     model = tiny_model("peer")
     for layer in model.memory_layers():
         layer.table_grad = "rows"
     optimizer = build_optimizer(model, OptimConfig(value_optimizer="row_adagrad", value_lr=0.1))
-    up_before, values_before = model.memory_pool.up.detach().clone(), model.memory_pool.values.detach().clone()
+    pool = model.memory_pool
+    up_before, values_before = pool.up.detach().clone(), pool.values.detach().clone()
     tokens = torch.randint(0, 50, (2, 5))
     model(tokens, targets=tokens).loss.backward()
-    assert model.memory_pool.up.grad is not None and row_grad_of(model.memory_pool.values) is not None
+    assert pool.up.grad is None and pool.values.grad is None
+    read = row_grad_of(pool.values).segments().rows
+    torch.testing.assert_close(row_grad_of(pool.up).segments().rows, read)
     optimizer.step()
-    up_moved = (model.memory_pool.up.detach() != up_before).any(dim=1)
-    values_moved = (model.memory_pool.values.detach() != values_before).any(dim=1)
-    assert 0 < int(up_moved.sum()) < 64 and torch.equal(up_moved, values_moved)
+    selected = torch.zeros(64, dtype=torch.bool)
+    selected[read] = True
+    assert 0 < int(selected.sum()) < 64
+    assert torch.equal((pool.up.detach() != up_before).any(dim=1), selected)
+    assert torch.equal((pool.values.detach() != values_before).any(dim=1), selected)

@@ -89,9 +89,9 @@ def test_overfits_one_fixed_batch(make_config):
             "optim.value_optimizer=row_adamw",
             "optim.value_state_dtype=bfloat16",
         ),
-        ("optim.value_optimizer=row_adagrad", "optim.value_grad_clip=0.01"),
+        ("optim.value_optimizer=row_adagrad", "optim.value_grad_clip=0.01", "model.memory.value_dtype=bfloat16"),
     ],
-    ids=["one-epoch", "epochs-and-grad-accum", "fixed-packing", "row-adamw-bf16-state", "row-adagrad-clipped"],
+    ids=["one-epoch", "epochs-and-grad-accum", "fixed-packing", "row-adamw-bf16-state", "row-adagrad-clipped-bf16-values"],
 )
 def test_resume_after_crash_is_exact(make_config, overrides):
     settings = (
@@ -353,3 +353,17 @@ def test_cuda_without_a_gpu_is_a_training_error():
     with pytest.raises(TrainingError, match="train.device=cpu"):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
+
+
+def test_bfloat16_value_pool_trains_and_checkpoints_in_bfloat16(make_config):
+    config = make_config("model.memory.value_dtype=bfloat16", "optim.value_optimizer=row_adagrad", "train.steps=3")
+    trainer = Trainer(config)
+    values = trainer.model.memory_pool.values
+    before = values.detach().clone()
+    assert values.dtype == torch.bfloat16
+    summary = trainer.fit(progress=False)
+    assert math.isfinite(summary["heldout_loss"])
+    assert (values.detach() != before).any(dim=1).sum() > 0
+    saved = load_file(Path(summary["checkpoint"]) / "model.safetensors")
+    assert saved["memory_pool.values"].dtype == torch.bfloat16
+    assert saved["layers.0.attention.wq.weight"].dtype == torch.float32

@@ -27,8 +27,6 @@ The table's gradient comes in one of two forms (``table_grad``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -90,26 +88,10 @@ class BagFunction(torch.autograd.Function):
         return None, grad_weights, grad_table, None, None
 
 
-def _fast(ops) -> Callable[..., torch.Tensor]:
-    def run(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, table_grad: str = "dense") -> torch.Tensor:
-        lead = indices.shape[:-1]
-        flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
-        flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
-        out = BagFunction.apply(flat_indices, flat_weights, table, ops, table_grad)  # (B, d)
-        return out.reshape(*lead, table.shape[-1])
-
-    run.__doc__ = f"The weighted bag on the {ops.name} kernels (table gradient dense or as rows)."
-    return run
-
-
 OPS = {"torch_rows": TorchOps, "cpu": CpuOps, "triton": TritonOps, "triton_atomic": TritonAtomicOps}
 """The raw ops (:mod:`memlayers.kernels.bag_ops`) behind each fast backend."""
 
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "reference": embedding_bag_reference,
-    "torch": embedding_bag_torch,
-    **{name: _fast(ops) for name, ops in OPS.items()},
-}
+BACKENDS = ("reference", "torch", *OPS)
 
 
 def triton_available() -> bool:
@@ -128,6 +110,34 @@ def resolve_backend(backend: str, table: torch.Tensor, table_grad: str = "dense"
     if table.device.type == "cpu" and table.dtype in cpu.DTYPE_SUFFIX and cpu.available():
         return "cpu"
     return "torch_rows" if table_grad == "rows" else "torch"
+
+
+def _fast_backend(indices: torch.Tensor, table: torch.Tensor, backend: str, table_grad: str, what: str) -> str:
+    """Resolve and check a backend for ``table``; returns its name (``reference``/``torch`` included)."""
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D (rows, dim), got shape {tuple(table.shape)}")
+    if table_grad not in ("dense", "rows"):
+        raise ValueError(f"table_grad must be 'dense' or 'rows', got {table_grad!r}")
+    name = resolve_backend(backend, table, table_grad)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown {what} backend {backend!r}; choose auto or one of {sorted(BACKENDS)}")
+    if name in ("reference", "torch"):
+        if table_grad == "rows":
+            raise ValueError(f"backend {name!r} gives a dense table gradient only; use table_grad='dense' or backend 'auto'")
+        return name
+    if table_grad == "rows" and table.requires_grad and not table.is_leaf:
+        raise ValueError("table_grad='rows' needs the table to be a leaf tensor (the value parameter itself)")
+    if name == "cpu":
+        if table.device.type != "cpu" or table.dtype not in cpu.DTYPE_SUFFIX:
+            raise ValueError(f"backend 'cpu' takes float32 or bfloat16 CPU tables, got {table.dtype} on {table.device}")
+        if not cpu.available():
+            raise ValueError("backend 'cpu' needs the C kernels, which could not be built (no C compiler); use backend 'auto'")
+        # the C kernels read rows by raw address: an id out of range would read out of bounds
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= table.shape[0]):
+            raise IndexError(
+                f"{what}: indices must lie in [0, {table.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
+    return name
 
 
 def embedding_bag(
@@ -152,27 +162,78 @@ def embedding_bag(
     """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must have the same shape")
-    if table.dim() != 2:
-        raise ValueError(f"table must be 2-D (rows, dim), got shape {tuple(table.shape)}")
-    if table_grad not in ("dense", "rows"):
-        raise ValueError(f"table_grad must be 'dense' or 'rows', got {table_grad!r}")
-    name = resolve_backend(backend, table, table_grad)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown embedding_bag backend {backend!r}; choose auto or one of {sorted(BACKENDS)}")
+    name = _fast_backend(indices, table, backend, table_grad, "embedding_bag")
+    if name == "reference":
+        return embedding_bag_reference(indices, weights, table)
+    if name == "torch":
+        return embedding_bag_torch(indices, weights, table)
+    lead = indices.shape[:-1]
+    flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
+    flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
+    out = BagFunction.apply(flat_indices, flat_weights, table, OPS[name], table_grad)  # (B, d)
+    return out.reshape(*lead, table.shape[-1])
+
+
+def embedding_dot_reference(indices: torch.Tensor, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``table[indices[..., k]] . x`` with plain autograd ops: ``(..., K)``."""
+    return torch.einsum("...kd,...d->...k", table[indices], x.to(table.dtype))  # (..., K)
+
+
+class DotFunction(torch.autograd.Function):
+    """``out[b, k] = table[ids[b, k]] . x[b]`` on ``ops``, with the table gradient dense or as rows."""
+
+    @staticmethod
+    def forward(ctx, indices, table, x, ops, table_grad):  # noqa: D102 (autograd hook)
+        ctx.save_for_backward(indices, table, x)
+        ctx.ops, ctx.table_grad = ops, table_grad
+        ctx.table_param = table if table_grad == "rows" else None
+        return ops.bag_dot(table, indices, x)  # (B, K), >= float32
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 (autograd hook)
+        indices, table, x = ctx.saved_tensors
+        grad = grad.contiguous()  # (B, K)
+        grad_table = grad_x = None
+        if ctx.needs_input_grad[2]:  # dx[b] = sum_k grad[b, k] * table[ids[b, k]]: a bag
+            offsets = fixed_offsets(*indices.shape, indices.device)
+            grad_x = ctx.ops.bag(table, indices.reshape(-1), grad.reshape(-1), offsets).to(x.dtype)  # (B, d)
+        if ctx.needs_input_grad[1]:  # dtable[r] = sum over lookups of r of grad[b, k] * x[b]
+            x_acc = x.to(torch.promote_types(x.dtype, torch.float32))
+            if ctx.table_grad == "rows":
+                accumulate_row_grad(ctx.table_param, indices, grad, x_acc, ctx.ops)
+            else:
+                rows = RowGrad(table.shape[0], table.shape[1], ctx.ops)
+                rows.add(indices, grad, x_acc)
+                grad_table = rows.to_dense(table.dtype)  # (N, d)
+        return None, grad_table, grad_x, None, None
+
+
+def embedding_dot(
+    indices: torch.Tensor,
+    table: torch.Tensor,
+    x: torch.Tensor,
+    backend: str = "auto",
+    table_grad: str = "dense",
+) -> torch.Tensor:
+    """Dot products of each selected row with its query: ``out[..., k] = table[indices[..., k]] . x``.
+
+    PEER's expert input projections: one input vector per slot, read only
+    for the selected slots. The gradient of ``x`` is a weighted bag of the
+    selected rows, and the table's is again a row gradient, so the same
+    kernels, backends and ``table_grad`` forms serve it.
+
+    Args:
+        indices: ``(..., K)`` row ids; ``table``: ``(N, d)``; ``x``: ``(..., d)``.
+
+    Returns:
+        ``(..., K)`` in float32 (float64 for float64 tables).
+    """
+    if indices.shape[:-1] != x.shape[:-1] or x.shape[-1] != table.shape[-1]:
+        raise ValueError(f"indices {tuple(indices.shape)}, x {tuple(x.shape)} and table {tuple(table.shape)} do not fit")
+    name = _fast_backend(indices, table, backend, table_grad, "embedding_dot")
     if name in ("reference", "torch"):
-        if table_grad == "rows":
-            raise ValueError(f"backend {name!r} gives a dense table gradient only; use table_grad='dense' or backend 'auto'")
-        return BACKENDS[name](indices, weights, table)
-    if table_grad == "rows" and table.requires_grad and not table.is_leaf:
-        raise ValueError("table_grad='rows' needs the table to be a leaf tensor (the value parameter itself)")
-    if name == "cpu":
-        if table.device.type != "cpu" or table.dtype not in cpu.DTYPE_SUFFIX:
-            raise ValueError(f"backend 'cpu' takes float32 or bfloat16 CPU tables, got {table.dtype} on {table.device}")
-        if not cpu.available():
-            raise ValueError("backend 'cpu' needs the C kernels, which could not be built (no C compiler); use backend 'auto'")
-        # the C kernels read rows by raw address: an id out of range would read out of bounds
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= table.shape[0]):
-            raise IndexError(
-                f"embedding_bag: indices must lie in [0, {table.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]"
-            )
-    return BACKENDS[name](indices, weights, table, table_grad)
+        return embedding_dot_reference(indices, table, x).to(torch.promote_types(table.dtype, torch.float32))
+    lead = indices.shape[:-1]
+    flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
+    out = DotFunction.apply(flat_indices, table, x.reshape(-1, x.shape[-1]), OPS[name], table_grad)  # (B, K)
+    return out.reshape(*lead, indices.shape[-1])

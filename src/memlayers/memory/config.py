@@ -41,6 +41,9 @@ class MemoryConfig:
     """Bias in the query projection (q = W_q x + b)."""
     shared_values: bool = True
     """All memory layers of a model read one value pool (the paper's default)."""
+    value_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the value pool; bfloat16 halves it (reads and updates
+    compute in float32, see memlayers.kernels)."""
 
     def __post_init__(self) -> None:
         check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlayers.kernels import embedding_bag
+from memlayers.kernels import embedding_bag, embedding_dot
 from memlayers.memory.config import MemoryConfig
 from memlayers.memory.pool import MemoryPool
 from memlayers.memory.product_keys import ProductKeySearch
@@ -119,8 +119,7 @@ class MemoryLayer(nn.Module):
         weights = weights.flatten(-2)  # (..., heads * knn)
         values = self.pool.values
         if self.config.variant == "peer":
-            up = F.embedding(indices, self.pool.up)  # (..., heads * knn, dim)
-            activation = F.gelu(torch.einsum("...kd,...d->...k", up, x))  # (..., heads * knn)
+            activation = F.gelu(embedding_dot(indices, self.pool.up, x, self.bag_backend, self.table_grad))  # (..., heads * knn)
             out = embedding_bag(indices, weights * activation, values, self.bag_backend, self.table_grad)  # (..., dim)
         else:
             y = embedding_bag(indices, weights, values, self.bag_backend, self.table_grad)  # (..., value_dim)

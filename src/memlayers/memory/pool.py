@@ -25,8 +25,9 @@ class MemoryPool(nn.Module):
         super().__init__()
         self.n_slots = config.n_slots
         self.value_dim = config.resolved_value_dim(dim)
-        self.values = nn.Parameter(torch.empty(self.n_slots, self.value_dim))
-        self.up = nn.Parameter(torch.empty(self.n_slots, dim)) if config.variant == "peer" else None
+        dtype = getattr(torch, config.value_dtype)
+        self.values = nn.Parameter(torch.empty(self.n_slots, self.value_dim, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(self.n_slots, dim, dtype=dtype)) if config.variant == "peer" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -68,6 +68,18 @@ class RowGrad:
         self._segments = None
 
     @property
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The recorded ``(ids (B, K), weights (B, K), grad_out (B, d))`` parts."""
+        return list(self._parts)
+
+    def replace_parts(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Swap in other parts (e.g. gathered from data-parallel replicas)."""
+        self._parts = []
+        self._segments = None
+        for ids, weights, grad_out in parts:
+            self.add(ids, weights, grad_out)
+
+    @property
     def n_lookups(self) -> int:
         """Number of recorded lookups (over all parts)."""
         return sum(ids.numel() for ids, _, _ in self._parts)
@@ -143,7 +155,7 @@ def row_grad_of(param: torch.Tensor) -> RowGrad | None:
 def accumulate_row_grad(param: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, ops) -> None:
     """Add one bag read's gradient to ``param.row_grad`` (creating it on first use)."""
     grad = row_grad_of(param)
-    if grad is None:
-        grad = RowGrad(param.shape[0], param.shape[1], ops)
+    if grad is None:  # the width is grad_out's: a column-sharded table's rows are its local slices
+        grad = RowGrad(param.shape[0], grad_out.shape[-1], ops)
         param.row_grad = grad
     grad.add(ids, weights, grad_out)

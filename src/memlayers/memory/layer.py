@@ -57,6 +57,9 @@ class MemoryLayer(nn.Module):
         self.config = config
         self.bag_backend = bag_backend
         self.table_grad = table_grad
+        # how the value rows are read: ``embedding_bag``, or a memory-parallel read
+        # that memlayers.distributed installs from outside (same signature)
+        self.value_reader = embedding_bag
         self.search = ProductKeySearch(dim, config)
         if pool is None:
             self.pool = MemoryPool(dim, config)
@@ -120,9 +123,9 @@ class MemoryLayer(nn.Module):
         values = self.pool.values
         if self.config.variant == "peer":
             activation = F.gelu(embedding_dot(indices, self.pool.up, x, self.bag_backend, self.table_grad))  # (..., heads * knn)
-            out = embedding_bag(indices, weights * activation, values, self.bag_backend, self.table_grad)  # (..., dim)
+            out = self.value_reader(indices, weights * activation, values, self.bag_backend, self.table_grad)  # (..., dim)
         else:
-            y = embedding_bag(indices, weights, values, self.bag_backend, self.table_grad)  # (..., value_dim)
+            y = self.value_reader(indices, weights, values, self.bag_backend, self.table_grad)  # (..., value_dim)
             y = y.to(x.dtype)
             if self.w1 is not None:
                 out = self.w2(y * F.silu(self.w1(x)))  # (..., dim)

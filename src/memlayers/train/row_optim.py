@@ -29,6 +29,11 @@ from memlayers.kernels import row_update
 from memlayers.kernels.row_grad import RowGrad, row_grad_of
 
 
+def local(param: torch.Tensor) -> torch.Tensor:
+    """The tensor to update in place: a DTensor's local shard, or the parameter itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def table_gradient(param: torch.Tensor) -> RowGrad | tuple[torch.Tensor, torch.Tensor] | None:
     """The gradient of a table parameter as rows, or None when it has none."""
     grad = row_grad_of(param)
@@ -38,7 +43,7 @@ def table_gradient(param: torch.Tensor) -> RowGrad | tuple[torch.Tensor, torch.T
         return None
     if param.grad.is_sparse:
         raise ValueError("row-sparse optimizers take dense or row gradients, not torch sparse tensors")
-    return row_update.dense_rows(param.grad)
+    return row_update.dense_rows(local(param.grad))
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -63,7 +68,11 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Update the touched rows of every parameter that has a gradient."""
+        """Update the touched rows of every parameter that has a gradient.
+
+        A column-sharded table (a DTensor, under memory parallelism) is updated
+        through its local shard, with state of the shard's shape.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -83,7 +92,7 @@ class RowSGD(_RowOptimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
-        row_update.sgd_update(p, grad, group["lr"], group["weight_decay"])
+        row_update.sgd_update(local(p), grad, group["lr"], group["weight_decay"])
 
 
 class RowAdagrad(_RowOptimizer):
@@ -93,10 +102,10 @@ class RowAdagrad(_RowOptimizer):
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
-        state = self.state[p]
+        state, table = self.state[p], local(p)
         if not state:
-            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-        row_update.adagrad_update(p, state["sum"], grad, group["lr"], group["eps"], group["weight_decay"])
+            state["sum"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
+        row_update.adagrad_update(table, state["sum"], grad, group["lr"], group["eps"], group["weight_decay"])
 
 
 class RowAdamW(_RowOptimizer):
@@ -117,14 +126,14 @@ class RowAdamW(_RowOptimizer):
         self.state_dtype = state_dtype
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
-        state = self.state[p]
+        state, table = self.state[p], local(p)
         if not state:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-            state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
+            state["exp_avg"] = torch.zeros(table.shape, dtype=self.state_dtype, device=table.device)
+            state["exp_avg_sq"] = torch.zeros(table.shape, dtype=self.state_dtype, device=table.device)
+            state["row_step"] = torch.zeros(table.shape[0], dtype=torch.int32, device=table.device)
         beta1, beta2 = group["betas"]
         row_update.adam_update(
-            p, state["exp_avg"], state["exp_avg_sq"], state["row_step"], grad,
+            table, state["exp_avg"], state["exp_avg_sq"], state["row_step"], grad,
             group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
         )
 

@@ -1,0 +1,157 @@
+"""Memory parallelism (the paper's): the value table sharded along its columns over a group.
+
+Each rank of a memory-parallel group of ``M`` ranks holds ``V[:, cols_c]``, a
+DTensor ``Shard(1)`` of the ``(N, d)`` table. A read of ``B`` tokens per rank:
+
+1. all-gather the group's lookups (ids and weights, ``K`` per token);
+2. each rank computes its column slice of the bag for all of the group's
+   tokens with the ordinary kernels: ``(sum B, d / M)``;
+3. an all-to-all returns to each rank its own tokens at full width ``(B, d)``.
+
+The backward mirrors it: an all-to-all sends each column slice of the output
+gradient to the rank that owns those columns, which forms the row gradient of
+its shard (for every token of the group) and partial weight gradients
+``grad . V[slot]`` over its columns; a last all-to-all returns the partials,
+summed over the group. Key search, and everything else, stays local.
+
+The gradient of a shard is the sum over the group's tokens of each token's
+local loss; :func:`reduce_value_grads` sums it over the data-parallel
+replicas of the shard and divides by the world size, so that it is the
+gradient of the mean loss over all ranks, as FSDP makes it for the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, gather_sizes
+from memlayers.kernels.bag_ops import TorchOps, fixed_offsets
+from memlayers.kernels.embedding_bag import OPS, resolve_backend
+from memlayers.kernels.row_grad import RowGrad, accumulate_row_grad, row_grad_of
+
+
+class MemoryParallelRead(torch.autograd.Function):
+    """A fixed-size weighted bag over a column-sharded table (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, indices, weights, local_table, table_ref, group, ops, table_grad):  # noqa: D102 (autograd hook)
+        M = dist.get_world_size(group)
+        B, K = indices.shape
+        sizes = gather_sizes(B, group, indices.device)  # tokens of every rank of the group
+        all_ids = all_gather_rows(indices, sizes, group)  # (sum B, K)
+        all_weights = all_gather_rows(weights.float(), sizes, group)  # (sum B, K)
+        total = sum(sizes)
+        cols = ops.bag(local_table, all_ids.reshape(-1), all_weights.reshape(-1), fixed_offsets(total, K, indices.device))
+        mine = all_to_all_rows(cols, send=sizes, recv=[B] * M, group=group)  # (M * B, d/M), by column shard
+        out = mine.view(M, B, -1).transpose(0, 1).reshape(B, -1)  # (B, d)
+        ctx.save_for_backward(all_ids, all_weights, local_table)
+        ctx.sizes, ctx.group, ctx.ops, ctx.table_grad, ctx.table_ref = sizes, group, ops, table_grad, table_ref
+        return out.to(local_table.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 (autograd hook)
+        all_ids, all_weights, local_table = ctx.saved_tensors
+        group, sizes, ops = ctx.group, ctx.sizes, ctx.ops
+        M, B = len(sizes), grad_out.shape[0]
+        grad_out = grad_out.float()
+        # column slice c of my tokens' gradient goes to rank c
+        send = grad_out.view(B, M, -1).transpose(0, 1).reshape(M * B, -1)  # (M * B, d/M)
+        grad_cols = all_to_all_rows(send, send=[B] * M, recv=sizes, group=group)  # (sum B, d/M): all tokens, my columns
+        grad_weights = grad_table = None
+        if ctx.needs_input_grad[1]:
+            partial = ops.bag_dot(local_table, all_ids, grad_cols)  # (sum B, K) over my columns
+            back = all_to_all_rows(partial, send=sizes, recv=[B] * M, group=group)  # (M * B, K)
+            grad_weights = back.view(M, B, -1).sum(0)  # (B, K)
+        if ctx.table_grad == "rows":
+            accumulate_row_grad(ctx.table_ref[0], all_ids, all_weights, grad_cols, ops)
+        elif ctx.needs_input_grad[2]:
+            rows = RowGrad(local_table.shape[0], local_table.shape[1], ops)
+            rows.add(all_ids, all_weights, grad_cols)
+            grad_table = rows.to_dense(local_table.dtype)  # (N, d/M)
+        return None, grad_weights, grad_table, None, None, None, None
+
+
+class MemoryParallelReader:
+    """Reads a ``Shard(1)`` DTensor table over its mesh's group; a drop-in for
+    :func:`memlayers.kernels.embedding_bag` as a memory layer's ``value_reader``."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __call__(
+        self,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        table: torch.Tensor,
+        backend: str = "auto",
+        table_grad: str = "dense",
+    ) -> torch.Tensor:
+        """``(..., K)`` lookups into the sharded ``table`` -> ``(..., d)`` full-width rows."""
+        if not isinstance(table, DTensor):
+            raise TypeError("the memory-parallel read needs the value table as a DTensor (see shard_values)")
+        local = table.to_local() if table_grad == "dense" else table.to_local().detach()  # (N, d/M)
+        name = resolve_backend(backend, local, table_grad)
+        ops = OPS.get(name, TorchOps)
+        lead = indices.shape[:-1]
+        flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
+        flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
+        out = MemoryParallelRead.apply(flat_indices, flat_weights, local, (table,), self.group, ops, table_grad)
+        return out.reshape(*lead, out.shape[-1])
+
+
+def value_pools(model: nn.Module) -> list[nn.Module]:
+    """The distinct value pools read by the model's memory layers."""
+    from memlayers.memory import MemoryLayer
+
+    pools = {id(layer.pool): layer.pool for layer in model.modules() if isinstance(layer, MemoryLayer)}
+    return list(pools.values())
+
+
+def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Shard every value table of ``model`` along its columns over ``mesh`` (1-D, the
+    memory-parallel group) and make its memory layers read through it; returns the tables."""
+    from memlayers.memory import MemoryLayer
+
+    M = mesh.size()
+    tables = []
+    for pool in value_pools(model):
+        if pool.up is not None:
+            raise ValueError("memory parallelism shards the plus and plain variants; PEER tables are not supported")
+        if pool.values.shape[1] % M:
+            raise ValueError(f"value_dim {pool.values.shape[1]} must be divisible by the memory-parallel size {M}")
+        pool.values = nn.Parameter(distribute_tensor(pool.values.detach(), mesh, [Shard(1)]))
+        tables.append(pool.values)
+    reader = MemoryParallelReader(mesh.get_group())
+    for layer in model.modules():
+        if isinstance(layer, MemoryLayer):
+            layer.value_reader = reader
+    return tables
+
+
+@torch.no_grad()
+def reduce_value_grads(tables: list[nn.Parameter], replicas: dist.ProcessGroup | None, world_size: int) -> None:
+    """Sum each shard's gradient over its data-parallel ``replicas`` and divide by ``world_size``.
+
+    Row gradients are reduced by gathering their factors (lookups, weights,
+    output-gradient slices) from every replica, so nothing dense is formed.
+    """
+    replicated = replicas is not None and dist.get_world_size(replicas) > 1
+    for table in tables:
+        rows = row_grad_of(table)
+        if rows is not None:
+            if replicated:
+                gathered = []
+                for ids, weights, grad_out in rows.parts:
+                    sizes = gather_sizes(ids.shape[0], replicas, ids.device)
+                    gathered.append(tuple(all_gather_rows(t, sizes, replicas) for t in (ids, weights, grad_out)))
+                rows.replace_parts(gathered)
+            rows.scale /= world_size
+        elif table.grad is not None:
+            local = table.grad.to_local() if isinstance(table.grad, DTensor) else table.grad
+            if replicated:
+                dist.all_reduce(local, group=replicas)
+            local.div_(world_size)

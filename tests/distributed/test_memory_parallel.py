@@ -1,0 +1,47 @@
+"""Memory parallelism and FSDP2 on CPU processes (gloo), started through the real torchrun.
+
+Each run checks, on every rank, a memory layer's outputs and gradients and a
+few training steps of a small model against the single-process computation
+on the whole batch (see worker_memory_parallel.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("worker_memory_parallel.py")
+TOL = 2e-5
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("nproc", "memory_parallel", "table_grad"),
+    [(2, 2, "dense"), (2, 2, "rows"), (4, 2, "rows"), (4, 4, "dense"), (2, 1, "rows")],
+    ids=["2ranks-mp2-dense", "2ranks-mp2-rows", "4ranks-mp2xdp2-rows", "4ranks-mp4-dense", "2ranks-dp2-rows"],
+)
+def test_matches_one_process(tmp_path, nproc, memory_parallel, table_grad):
+    run = torchrun(nproc, str(tmp_path), str(memory_parallel), table_grad)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+    for result in results:
+        layer = result["layer"]
+        assert set(layer) >= {"out", "table_grad", "grad/search.query_proj.weight", "grad/search.keys", "grad/w1.weight"}
+        for key, diff in layer.items():
+            assert diff < TOL, (result["rank"], key, diff)
+        for distributed, single in result["training"]["losses"]:
+            assert abs(distributed - single) < 1e-5, result["training"]["losses"]
+        for name, diff in result["training"]["param_diffs"].items():
+            assert diff < 1e-5, (result["rank"], name, diff)
+    # every rank saw the same global losses
+    assert len({json.dumps(r["training"]["losses"]) for r in results}) == 1

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,21 @@ def test_matches_one_process(tmp_path, nproc, memory_parallel, table_grad):
             assert diff < 1e-5, (result["rank"], name, diff)
     # every rank saw the same global losses
     assert len({json.dumps(r["training"]["losses"]) for r in results}) == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_lost_rank_stops_the_others_with_an_error(mode):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    worker = Path(__file__).with_name("worker_fault.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), mode, "5"]
+    start = time.monotonic()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, check=False)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 120  # stopped, not hung
+    assert "finished without its peer" not in run.stdout
+    if mode == "hang":  # rank 0's own error: the collective timed out
+        assert "a peer rank died, hung past the timeout or left" in run.stderr, run.stderr[-2000:]
+    else:  # torchrun reports the dead rank and stops the other
+        assert "exitcode" in run.stderr and "worker_fault.py FAILED" in run.stderr, run.stderr[-2000:]

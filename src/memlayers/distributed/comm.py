@@ -9,11 +9,30 @@ waiting forever.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank died, hung or left."""
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn a collective's backend error into one line that says what happened and what to do."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PeerLostError(
+            f"{what}: a peer rank died, hung past the timeout or left ({first}); "
+            "the run stops here; restart it with --resume from the last checkpoint"
+        ) from error
 
 
 def init_distributed(timeout_s: float = 300.0) -> torch.device:
@@ -39,7 +58,8 @@ def init_distributed(timeout_s: float = 300.0) -> torch.device:
 def shutdown() -> None:
     """Leave the job cleanly: wait for every rank, then destroy the process group."""
     if dist.is_initialized():
-        dist.barrier()
+        with collective("barrier before shutdown"):
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -47,7 +67,8 @@ def gather_sizes(n: int, group: dist.ProcessGroup, device: torch.device) -> list
     """Every rank's ``n`` (e.g. its batch size), in rank order."""
     mine = torch.tensor([n], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, mine, group=group)
+    with collective("all-gather of batch sizes"):
+        dist.all_gather(sizes, mine, group=group)
     return [int(s) for s in sizes]
 
 
@@ -57,7 +78,8 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup)
     padded = x.new_zeros((longest, *x.shape[1:]))
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
+    with collective("all-gather of memory lookups"):
+        dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
@@ -65,5 +87,6 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group: di
     """Send rows ``x[sum(send[:r]) : sum(send[:r+1])]`` to rank ``r``; return what arrives,
     ``(sum(recv), ...)`` ordered by source rank."""
     out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    with collective("all-to-all of memory reads"):
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
     return out

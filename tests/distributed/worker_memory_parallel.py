@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from memlayers.distributed import ParallelConfig, build_mesh, init_distributed, parallelize, shard_values, shutdown
+from memlayers.distributed import (
+    ParallelConfig,
+    build_mesh,
+    init_distributed,
+    parallelize,
+    shard_values,
+    shutdown,
+)
 from memlayers.distributed.memory_parallel import reduce_value_grads
 from memlayers.kernels import row_grad_of
 from memlayers.memory import MemoryConfig, MemoryLayer

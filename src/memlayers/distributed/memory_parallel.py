@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, gather_sizes
 from memlayers.kernels.bag_ops import TorchOps, fixed_offsets
 from memlayers.kernels.embedding_bag import OPS, resolve_backend
-from memlayers.kernels.row_grad import RowGrad, accumulate_row_grad, row_grad_of
+from memlayers.kernels.row_grad import read_table_grad, row_grad_of
 
 
 class MemoryParallelRead(torch.autograd.Function):
@@ -66,12 +66,10 @@ class MemoryParallelRead(torch.autograd.Function):
             partial = ops.bag_dot(local_table, all_ids, grad_cols)  # (sum B, K) over my columns
             back = all_to_all_rows(partial, send=sizes, recv=[B] * M, group=group)  # (M * B, K)
             grad_weights = back.view(M, B, -1).sum(0)  # (B, K)
-        if ctx.table_grad == "rows":
-            accumulate_row_grad(ctx.table_ref[0], all_ids, all_weights, grad_cols, ops)
-        elif ctx.needs_input_grad[2]:
-            rows = RowGrad(local_table.shape[0], local_table.shape[1], ops)
-            rows.add(all_ids, all_weights, grad_cols)
-            grad_table = rows.to_dense(local_table.dtype)  # (N, d/M)
+        if ctx.table_grad == "rows" or ctx.needs_input_grad[2]:
+            grad_table = read_table_grad(
+                ctx.table_grad, ctx.table_ref[0], local_table.shape[0], all_ids, all_weights, grad_cols, ops, local_table.dtype
+            )  # (N, d/M) or None (rows)
         return None, grad_weights, grad_table, None, None, None, None
 
 

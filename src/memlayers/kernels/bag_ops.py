@@ -25,8 +25,6 @@ from memlayers.kernels import cpu
 class TorchOps:
     """``F.embedding_bag`` and its per-sample-weight backward (any device, any float dtype)."""
 
-    name = "torch"
-
     @staticmethod
     def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
@@ -49,8 +47,6 @@ class TorchOps:
 
 class CpuOps:
     """The C kernels (float32 or bfloat16 tables on the CPU)."""
-
-    name = "cpu"
 
     @staticmethod
     def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -78,8 +74,6 @@ class CpuOps:
 class TritonOps:
     """The Triton kernels (GPU, or the CPU through ``TRITON_INTERPRET=1``)."""
 
-    name = "triton"
-
     @staticmethod
     def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
@@ -98,8 +92,6 @@ class TritonOps:
 class TritonAtomicOps(TritonOps):
     """The Triton kernels, with a one-pass atomic backward for dense table gradients
     (faster where many lookups share rows; the summation order is not fixed)."""
-
-    name = "triton_atomic"
 
     @staticmethod
     def backward_atomic(

@@ -46,8 +46,15 @@ SIGNATURES: dict[str, list] = {
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
 }
-SUFFIXES = {"bag": ("f32", "bf16"), "bag_dot": ("f32", "bf16"), "sgd": ("f32", "bf16"), "adagrad": ("f32", "bf16")}
-ADAM_SUFFIXES = ("f32_f32", "f32_bf16", "bf16_f32", "bf16_bf16")
+# dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "bag": ("_f32", "_bf16"),
+    "bag_dot": ("_f32", "_bf16"),
+    "row_grad_sq_norm": ("",),
+    "sgd": ("_f32", "_bf16"),
+    "adagrad": ("_f32", "_bf16"),
+    "adam": ("_f32_f32", "_f32_bf16", "_bf16_f32", "_bf16_bf16"),
+}
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
@@ -88,10 +95,8 @@ def _compile(compiler: str, target: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     for base, args in SIGNATURES.items():
-        names = [base] if base == "row_grad_sq_norm" else []
-        names += [f"{base}_{s}" for s in (ADAM_SUFFIXES if base == "adam" else SUFFIXES.get(base, ()))]
-        for name in names:
-            fn = getattr(lib, name)
+        for suffix in VARIANTS[base]:
+            fn = getattr(lib, base + suffix)
             fn.argtypes = args
             fn.restype = ctypes.c_double if base == "row_grad_sq_norm" else None
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from memlayers.kernels import cpu
 from memlayers.kernels.bag_ops import CpuOps, TorchOps, TritonAtomicOps, TritonOps, fixed_offsets
-from memlayers.kernels.row_grad import RowGrad, accumulate_row_grad
+from memlayers.kernels.row_grad import read_table_grad
 
 
 def embedding_bag_reference(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,9 @@ class BagFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weights = ctx.ops.bag_dot(table, indices, grad_out).to(weights.dtype)  # (B, K)
         if ctx.needs_input_grad[2]:
-            if ctx.table_grad == "rows":
-                accumulate_row_grad(ctx.table_param, indices, weights, grad_out, ctx.ops)
-            else:
-                rows = RowGrad(table.shape[0], table.shape[1], ctx.ops)
-                rows.add(indices, weights, grad_out)
-                grad_table = rows.to_dense(table.dtype)  # (N, d)
+            grad_table = read_table_grad(
+                ctx.table_grad, ctx.table_param, table.shape[0], indices, weights, grad_out, ctx.ops, table.dtype
+            )  # (N, d) or None (rows)
         return None, grad_weights, grad_table, None, None
 
 
@@ -199,12 +196,9 @@ class DotFunction(torch.autograd.Function):
             grad_x = ctx.ops.bag(table, indices.reshape(-1), grad.reshape(-1), offsets).to(x.dtype)  # (B, d)
         if ctx.needs_input_grad[1]:  # dtable[r] = sum over lookups of r of grad[b, k] * x[b]
             x_acc = x.to(torch.promote_types(x.dtype, torch.float32))
-            if ctx.table_grad == "rows":
-                accumulate_row_grad(ctx.table_param, indices, grad, x_acc, ctx.ops)
-            else:
-                rows = RowGrad(table.shape[0], table.shape[1], ctx.ops)
-                rows.add(indices, grad, x_acc)
-                grad_table = rows.to_dense(table.dtype)  # (N, d)
+            grad_table = read_table_grad(
+                ctx.table_grad, ctx.table_param, table.shape[0], indices, grad, x_acc, ctx.ops, table.dtype
+            )  # (N, d) or None (rows)
         return None, grad_table, grad_x, None, None
 
 

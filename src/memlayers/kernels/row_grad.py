@@ -159,3 +159,17 @@ def accumulate_row_grad(param: torch.Tensor, ids: torch.Tensor, weights: torch.T
         grad = RowGrad(param.shape[0], grad_out.shape[-1], ops)
         param.row_grad = grad
     grad.add(ids, weights, grad_out)
+
+
+def read_table_grad(
+    table_grad: str, param: torch.Tensor | None, n_rows: int, ids: torch.Tensor, weights: torch.Tensor,
+    grad_out: torch.Tensor, ops, dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """A read's table gradient, ``sum over lookups of weights * grad_out[bag]`` per row: added to
+    ``param.row_grad`` (returns None) for ``"rows"``, else returned as a dense ``(n_rows, d)`` tensor."""
+    if table_grad == "rows":
+        accumulate_row_grad(param, ids, weights, grad_out, ops)
+        return None
+    rows = RowGrad(n_rows, grad_out.shape[-1], ops)
+    rows.add(ids, weights, grad_out)
+    return rows.to_dense(dtype)

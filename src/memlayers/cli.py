@@ -51,10 +51,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from memlayers.train.config import RunConfig
     from memlayers.train.trainer import Trainer
 
+    from memlayers.distributed import shutdown
+
     config = load_config(RunConfig, args.config, args.overrides)
-    summary = Trainer(config, resume=args.resume_from or args.resume).fit()
-    print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
-    print(f"checkpoint   {summary['checkpoint']}")
+    trainer = Trainer(config, resume=args.resume_from or args.resume)
+    summary = trainer.fit()
+    shutdown()  # a distributed run leaves together; nothing to do in one process
+    if trainer.rank == 0:
+        print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+        print(f"checkpoint   {summary['checkpoint']}")
     return 0
 
 

@@ -384,7 +384,6 @@ def write_world(world: FactWorld, out_dir: str | Path) -> dict[str, Path]:
     "answer", "person", "attribute"}``) and ``heldout.jsonl`` (``{"text"}``;
     empty when ``heldout_people`` is 0).
     """
-    out_dir = Path(out_dir)
     records = {
         "people": [
             {"name": p.name, **{a: p.attributes[a] for a in ATTRIBUTES}} for p in world.people
@@ -393,4 +392,10 @@ def write_world(world: FactWorld, out_dir: str | Path) -> dict[str, Path]:
         "qa": world.qa_pairs(),
         "heldout": [{"text": doc} for doc in world.heldout_documents()],
     }
-    return {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in records.items()}
+    paths = world_paths(out_dir)
+    return {name: write_jsonl(paths[name], rows) for name, rows in records.items()}
+
+
+def world_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where :func:`write_world` puts each file of a world in ``out_dir``."""
+    return {name: Path(out_dir) / f"{name}.jsonl" for name in ("people", "train", "qa", "heldout")}

@@ -1,6 +1,13 @@
 """Beyond one machine: memory parallelism for the value tables, FSDP2 for the rest, launched by torchrun."""
 
-from memlayers.distributed.comm import init_distributed, shutdown
+from memlayers.distributed.comm import (
+    PeerLostError,
+    barrier,
+    init_distributed,
+    launched_by_torchrun,
+    shutdown,
+    sum_over,
+)
 from memlayers.distributed.memory_parallel import (
     MemoryParallelReader,
     reduce_value_grads,
@@ -15,6 +22,10 @@ from memlayers.distributed.parallelize import (
 
 __all__ = [
     "MemoryParallelReader",
+    "PeerLostError",
+    "barrier",
+    "launched_by_torchrun",
+    "sum_over",
     "ParallelConfig",
     "build_mesh",
     "init_distributed",

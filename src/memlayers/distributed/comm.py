@@ -55,11 +55,33 @@ def init_distributed(timeout_s: float = 300.0) -> torch.device:
     return device
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun (or another launcher setting RANK and WORLD_SIZE) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def barrier() -> None:
+    """Wait for every rank (a dead or hung one raises after the timeout)."""
+    with collective("barrier"):
+        dist.barrier()
+
+
+def sum_over(group: dist.ProcessGroup):
+    """A function summing a Python float over ``group`` (e.g. squared norms of column shards)."""
+
+    def reduce(value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        with collective("all-reduce of a gradient norm"):
+            dist.all_reduce(t, group=group)
+        return float(t)
+
+    return reduce
+
+
 def shutdown() -> None:
     """Leave the job cleanly: wait for every rank, then destroy the process group."""
     if dist.is_initialized():
-        with collective("barrier before shutdown"):
-            dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from memlayers.config import check
 from memlayers.data.facts import FactWorldConfig
+from memlayers.distributed.parallelize import ParallelConfig
 from memlayers.model.config import ModelConfig
 from memlayers.train.optim import OptimConfig
 
@@ -97,3 +98,5 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How a run launched by torchrun spreads over its ranks (ignored in one process)."""

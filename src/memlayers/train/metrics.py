@@ -16,8 +16,11 @@ class MetricsLogger:
     the log reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled  # off on every rank but 0 of a distributed run
         self.path = Path(run_dir) / "metrics.jsonl"
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -37,6 +40,8 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record ``values`` at ``step``."""
+        if not self.enabled:
+            return
         record = {"step": step, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -47,6 +52,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close the log (and the TensorBoard writer)."""
+        if not self.enabled:
+            return
         self._file.close()
         if self._writer is not None:
             self._writer.close()

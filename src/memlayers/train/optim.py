@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -144,11 +145,18 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
     return ChainedOptimizer(optimizers)
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer | ChainedOptimizer, config: OptimConfig) -> dict[str, float]:
+def clip_gradients(
+    optimizer: torch.optim.Optimizer | ChainedOptimizer,
+    config: OptimConfig,
+    row_norm_reduce: Callable[[float], float] | None = None,
+) -> dict[str, float]:
     """Clip the value tables and the rest separately; returns both norms before clipping.
 
     Value tables may hold their gradient as rows (``param.row_grad``); those
-    are clipped by scaling, without writing the rows out.
+    are clipped by scaling, without writing the rows out. Under memory
+    parallelism each rank holds a column slice of them: ``row_norm_reduce``
+    sums their squared norms over the slices. Sharded (DTensor) gradients
+    give their global norm by themselves.
     """
     values = [p for g in optimizer.param_groups if g.get("name") == "values" for p in g["params"]]
     others = [p for g in optimizer.param_groups if g.get("name") != "values" for p in g["params"]]
@@ -158,8 +166,10 @@ def clip_gradients(optimizer: torch.optim.Optimizer | ChainedOptimizer, config: 
         rows = [g for g in map(row_grad_of, params) if g is not None]
         if not dense and not rows:
             continue
-        dense_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))) if dense else 0.0
-        norm = math.sqrt(dense_norm**2 + sum(g.sq_norm() for g in rows))
+        rows_sq = sum(g.sq_norm() for g in rows)
+        if rows and row_norm_reduce is not None:
+            rows_sq = row_norm_reduce(rows_sq)
+        norm = math.sqrt(_norm(dense) ** 2 + rows_sq)
         if limit is not None:
             coef = min(1.0, limit / (norm + 1e-6))
             if coef < 1.0:
@@ -169,6 +179,14 @@ def clip_gradients(optimizer: torch.optim.Optimizer | ChainedOptimizer, config: 
                     g.scale *= coef
         norms[key] = norm
     return norms
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    """The 2-norm of all ``grads`` together (sharded DTensor gradients: over all shards)."""
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:

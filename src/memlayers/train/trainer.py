@@ -21,14 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from memlayers.config import to_dict
-from memlayers.data.facts import generate_world, write_world
+from memlayers.data.facts import generate_world, world_paths, write_world
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
 from memlayers.data.text import read_documents, read_qa
 from memlayers.data.tokenizer import Tokenizer
+from memlayers.distributed import (
+    barrier,
+    build_mesh,
+    init_distributed,
+    launched_by_torchrun,
+    parallelize,
+    sum_over,
+    sync_value_grads,
+)
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
 from memlayers.model.accounting import count_flops, count_parameters
@@ -71,17 +82,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare_data(config: RunConfig, run_dir: Path) -> PreparedData:
+def prepare_data(config: RunConfig, run_dir: Path, write: bool = True) -> PreparedData:
     """Read (or generate) the run's text, train or load its tokenizer, pack sequences.
 
     A tokenizer already saved in ``run_dir`` is reused, so a resumed run
-    tokenises exactly as before.
+    tokenises exactly as before. With ``write=False`` nothing is written: the
+    fact world and tokenizer another rank prepared in ``run_dir`` are read.
     """
     data = config.data
     heldout_path, qa_path = data.heldout, data.qa
     if data.train is None:
         world_dir = run_dir / "data"
-        files = write_world(generate_world(data.facts), world_dir)
+        files = write_world(generate_world(data.facts), world_dir) if write else world_paths(world_dir)
         train_path = files["train"]
         if heldout_path is None and data.facts.heldout_people > 0:
             heldout_path = files["heldout"]
@@ -96,7 +108,8 @@ def prepare_data(config: RunConfig, run_dir: Path) -> PreparedData:
         tokenizer = Tokenizer.load(data.tokenizer)
     else:
         tokenizer = Tokenizer.train(documents, data.vocab_size)
-    tokenizer.save(tokenizer_path)
+    if write:
+        tokenizer.save(tokenizer_path)
 
     def pack(docs: list[str]) -> torch.Tensor:
         return pack_documents(tokenizer.encode_batch(docs), data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
@@ -117,24 +130,42 @@ class Trainer:
             torch.set_num_threads(tcfg.threads)
         random.seed(tcfg.seed)
         torch.manual_seed(tcfg.seed)
-        self.device = pick_device(tcfg.device)
-        self.data = prepare_data(config, self.run_dir)
+        self.rank, self.world = 0, 1
+        if launched_by_torchrun():
+            if resume:
+                raise TrainingError("--resume under torchrun needs sharded checkpoints, which are not there yet; resume in one process")
+            self.device = init_distributed(config.parallel.timeout_s)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.device = pick_device(tcfg.device)
+        if self.rank == 0:  # one rank writes the world and the tokenizer, the others read them
+            self.data = prepare_data(config, self.run_dir)
+        if self.world > 1:
+            barrier()
+        if self.rank > 0:
+            self.data = prepare_data(config, self.run_dir, write=False)
         # the model's vocabulary is the tokenizer's
         model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
         self.config = dataclasses.replace(config, model=model_config)
         self.model = Transformer(model_config).to(self.device)
-        self.optimizer = build_optimizer(self.model, config.optim)
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
                 layer.table_grad = "rows"
+        self.value_norm_reduce = None
+        if self.world > 1:
+            mesh = build_mesh(config.parallel, self.device)
+            parallelize(self.model, mesh, config.parallel)
+            self.value_norm_reduce = sum_over(mesh["mp"].get_group())
+        self.optimizer = build_optimizer(self.model, config.optim)
         tokenizer = self.data.tokenizer
+        global_batch = tcfg.batch_size * self.world  # every rank draws the same rows and trains on its slice
         if config.data.repack:
             self.batches = DocumentBatchIterator(
-                self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id, tcfg.batch_size, tcfg.seed
+                self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id, global_batch, tcfg.seed
             )
         else:
             rows = pack_documents(self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
-            self.batches = BatchIterator(rows, tcfg.batch_size, tcfg.seed)
+            self.batches = BatchIterator(rows, global_batch, tcfg.seed)
         self.step = 0
         self.tokens_seen = 0
         if resume:
@@ -146,8 +177,9 @@ class Trainer:
         if tcfg.track_usage:
             for layer in self.model.memory_layers():
                 layer.track_usage(window=max(1, tcfg.log_every))
-        self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.rank == 0)
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on GPU when precision allows, nothing otherwise."""
@@ -170,14 +202,19 @@ class Trainer:
         tcfg = self.config.train
         factor = self.set_learning_rates()
         total = torch.zeros((), device=self.device)
+        mine = slice(self.rank * tcfg.batch_size, (self.rank + 1) * tcfg.batch_size)
         for _ in range(tcfg.grad_accum):
             inputs, targets = next(self.batches)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            self.tokens_seen += inputs.numel()
+            inputs, targets = inputs[mine].to(self.device), targets[mine].to(self.device)
             with self.autocast():
                 loss = self.model(inputs, targets).loss / tcfg.grad_accum
             loss.backward()
             total += loss.detach()
-            self.tokens_seen += inputs.numel()
+        if self.world > 1:
+            sync_value_grads(self.model)
+            dist.all_reduce(total)  # every rank decides on the same mean loss
+            total /= self.world
         loss_value = float(total)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
@@ -187,7 +224,7 @@ class Trainer:
                 f"loss is {loss_value} at step {self.step + 1}; stopped without saving ({where}). "
                 "Lower optim.lr / optim.value_lr or check the data, then resume with --resume."
             )
-        norms = clip_gradients(self.optimizer, self.config.optim)
+        norms = clip_gradients(self.optimizer, self.config.optim, self.value_norm_reduce)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -222,22 +259,33 @@ class Trainer:
         return results
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step."""
+        """Write a checkpoint of the current step (in a distributed run: the full weights, by rank 0)."""
         state: dict[str, Any] = {
             "config": to_dict(self.config),
             "rng": rng_state(),
             "data": self.batches.state_dict(),
             "tokens_seen": self.tokens_seen,
         }
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            state,
-            tokenizer_path=self.data.tokenizer_path,
-            keep_last=self.config.train.keep_last,
-        )
+        if self.world == 1:
+            return save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                tokenizer_path=self.data.tokenizer_path,
+                keep_last=self.config.train.keep_last,
+            )
+        # gather the sharded weights into one single-process checkpoint (no optimizer
+        # state yet: resuming a distributed run needs sharded checkpoints)
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        if self.rank == 0:
+            plain = Transformer(self.config.model)
+            plain.load_state_dict(full)
+            save_checkpoint(self.run_dir, self.step, plain, None, state, self.data.tokenizer_path, self.config.train.keep_last)
+        barrier()
+        return path
 
     def fit(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics and throughput.
@@ -248,7 +296,7 @@ class Trainer:
         tcfg = self.config.train
         params = count_parameters(self.config.model)
         flops = count_flops(self.config.model, self.config.data.seq_len)
-        bar = tqdm(total=tcfg.steps, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=tcfg.steps, initial=self.step, unit="step", disable=not progress or self.rank > 0, dynamic_ncols=True)
         start, start_tokens, trained = time.perf_counter(), self.tokens_seen, 0
         try:
             while self.step < tcfg.steps:

@@ -48,10 +48,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from a YAML preset with overrides; ``--resume`` continues the run."""
+    from memlayers.distributed import shutdown
     from memlayers.train.config import RunConfig
     from memlayers.train.trainer import Trainer
-
-    from memlayers.distributed import shutdown
 
     config = load_config(RunConfig, args.config, args.overrides)
     trainer = Trainer(config, resume=args.resume_from or args.resume)

@@ -69,3 +69,13 @@ def test_resume_under_torchrun_is_refused_clearly(tmp_path, monkeypatch):
 
     with pytest.raises(TrainingError, match="needs sharded checkpoints"):
         Trainer(build_config(tmp_path / "run"), resume=True)
+
+
+def test_config_rejects_row_adagrad_with_memory_parallelism(tmp_path):
+    from memlayers.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^optim.value_optimizer: row_adagrad keeps one accumulator per whole row"):
+        build_config(tmp_path, ["optim.value_optimizer=row_adagrad", "parallel.memory_parallel=2"])
+    with pytest.raises(ConfigError, match=r"^parallel.memory_parallel: must be >= 1"):
+        build_config(tmp_path, ["parallel.memory_parallel=0"])
+    assert build_config(tmp_path, ["optim.value_optimizer=row_adamw", "parallel.memory_parallel=2"]).parallel.memory_parallel == 2

@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | generate | demo | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | bench``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Convert between sharded (distributed) and single-process checkpoints."""
+    from memlayers.distributed.checkpoint import export_checkpoint, shard_checkpoint
+
+    convert = export_checkpoint if args.command == "consolidate" else shard_checkpoint
+    print(f"wrote {convert(args.checkpoint, args.out)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Kernel, step and memory benchmarks: a markdown table on stdout, JSON to ``--out``."""
     from memlayers.bench import NAMES, render, run
@@ -197,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ablations", metavar="FILE", help="train the variants of an ablation YAML instead "
                       "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
     demo.set_defaults(func=cmd_demo)
+
+    for name, text in (
+        ("consolidate", "write a sharded checkpoint (torchrun run) as a single-process one"),
+        ("shard", "write a single-process checkpoint as a sharded one, for a torchrun run to resume from"),
+    ):
+        convert = sub.add_parser(name, help=text)
+        convert.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
+        convert.add_argument("--out", required=True, help="run directory to write checkpoints/step_<N> into")
+        convert.set_defaults(func=cmd_checkpoint)
 
     bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
     bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth (default: all)")

@@ -239,6 +239,11 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load ``model.safetensors`` of a checkpoint into ``model``, strictly."""
     path = resolve_checkpoint(path)
     state = read_state(path)
+    if state.get("sharded"):
+        raise CheckpointError(
+            f"{path} is a sharded checkpoint (written by a torchrun run): resume it under torchrun, "
+            f"or write a single-process copy with `memlayers consolidate {path} --out DIR`"
+        )
     tensors = _load_tensors(path / "model.safetensors")
     for alias, kept in state.get("tied", {}).items():
         if kept in tensors:

@@ -66,6 +66,16 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
         raise NotImplementedError
 
+    def _new_state(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of ``p`` (of its local shard when it is a DTensor), created as zeros if new."""
+        state = self.state[p]
+        if not state:
+            state.update(self._new_state(local(p)))
+        return state
+
     @torch.no_grad()
     def step(self, closure=None):
         """Update the touched rows of every parameter that has a gradient.
@@ -102,10 +112,11 @@ class RowAdagrad(_RowOptimizer):
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
-        state, table = self.state[p], local(p)
-        if not state:
-            state["sum"] = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
-        row_update.adagrad_update(table, state["sum"], grad, group["lr"], group["eps"], group["weight_decay"])
+        state = self.init_state(p)
+        row_update.adagrad_update(local(p), state["sum"], grad, group["lr"], group["eps"], group["weight_decay"])
+
+    def _new_state(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)}
 
 
 class RowAdamW(_RowOptimizer):
@@ -126,16 +137,20 @@ class RowAdamW(_RowOptimizer):
         self.state_dtype = state_dtype
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
-        state, table = self.state[p], local(p)
-        if not state:
-            state["exp_avg"] = torch.zeros(table.shape, dtype=self.state_dtype, device=table.device)
-            state["exp_avg_sq"] = torch.zeros(table.shape, dtype=self.state_dtype, device=table.device)
-            state["row_step"] = torch.zeros(table.shape[0], dtype=torch.int32, device=table.device)
+        state = self.init_state(p)
         beta1, beta2 = group["betas"]
         row_update.adam_update(
-            table, state["exp_avg"], state["exp_avg_sq"], state["row_step"], grad,
+            local(p), state["exp_avg"], state["exp_avg_sq"], state["row_step"], grad,
             group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
         )
+
+    def _new_state(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        zeros = {"dtype": self.state_dtype, "device": table.device}
+        return {
+            "exp_avg": torch.zeros(table.shape, **zeros),
+            "exp_avg_sq": torch.zeros(table.shape, **zeros),
+            "row_step": torch.zeros(table.shape[0], dtype=torch.int32, device=table.device),
+        }
 
 
 ROW_OPTIMIZERS = {"row_adamw": RowAdamW, "row_adagrad": RowAdagrad, "row_sgd": RowSGD}

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from memlayers.config import to_dict
@@ -40,13 +39,17 @@ from memlayers.distributed import (
     sum_over,
     sync_value_grads,
 )
+from memlayers.distributed.checkpoint import load_sharded, save_sharded
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import (
+    Checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_state,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -132,8 +135,6 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.rank, self.world = 0, 1
         if launched_by_torchrun():
-            if resume:
-                raise TrainingError("--resume under torchrun needs sharded checkpoints, which are not there yet; resume in one process")
             self.device = init_distributed(config.parallel.timeout_s)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
@@ -169,7 +170,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         if resume:
-            checkpoint = load_checkpoint(self.run_dir if resume is True else resume, self.model, self.optimizer)
+            checkpoint = self.load(self.run_dir if resume is True else resume)
             self.step = checkpoint.step
             self.tokens_seen = checkpoint.state.get("tokens_seen", 0)
             self.batches.load_state_dict(checkpoint.state["data"])
@@ -259,7 +260,7 @@ class Trainer:
         return results
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (in a distributed run: the full weights, by rank 0)."""
+        """Write a checkpoint of the current step (sharded, by every rank, in a distributed run)."""
         state: dict[str, Any] = {
             "config": to_dict(self.config),
             "rng": rng_state(),
@@ -276,16 +277,23 @@ class Trainer:
                 tokenizer_path=self.data.tokenizer_path,
                 keep_last=self.config.train.keep_last,
             )
-        # gather the sharded weights into one single-process checkpoint (no optimizer
-        # state yet: resuming a distributed run needs sharded checkpoints)
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
-        if self.rank == 0:
-            plain = Transformer(self.config.model)
-            plain.load_state_dict(full)
-            save_checkpoint(self.run_dir, self.step, plain, None, state, self.data.tokenizer_path, self.config.train.keep_last)
-        barrier()
-        return path
+        return save_sharded(
+            self.run_dir, self.step, self.model, self.optimizer, state, self.data.tokenizer_path, self.config.train.keep_last
+        )
+
+    def load(self, path: str | Path) -> Checkpoint:
+        """Load a checkpoint to resume from: single-process, or sharded (by any number of ranks)."""
+        path = resolve_checkpoint(path)
+        state = read_state(path)
+        if not state.get("sharded"):
+            if self.world > 1:
+                raise TrainingError(
+                    f"{path} is a single-process checkpoint; a distributed run resumes from sharded ones: "
+                    f"write one with `memlayers shard {path} --out {self.run_dir}`"
+                )
+            return load_checkpoint(path, self.model, self.optimizer)
+        load_sharded(path, self.model, self.optimizer, no_dist=self.world == 1)
+        return Checkpoint(path=path, step=int(state["step"]), state=state)
 
     def fit(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics and throughput.

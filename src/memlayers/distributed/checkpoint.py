@@ -1,0 +1,227 @@
+"""Sharded checkpoints: every rank writes its own shards as safetensors through
+``torch.distributed.checkpoint`` (its Hugging Face storage: safetensors files
+and a JSON index, no pickle), and any number of ranks reads them back.
+
+A sharded checkpoint is a ``step_<N>/`` directory like a single-process one
+(:mod:`memlayers.train.checkpoint`): ``state.json`` (config, step, data
+position, RNG, optimizer hyperparameters and scalar state; ``"sharded": true``),
+``tokenizer.json``, and ``shards/`` with the tensors: ``model.<name>`` for
+parameters and ``optim.<name>.<state>`` for optimizer state. Tensors are saved
+as DTensors, so loading re-shards them to whatever mesh the loading job has:
+resume with the same number of ranks, another number, or one process
+(:func:`load_sharded` with ``no_dist``); :func:`export_checkpoint` writes the
+single-process format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate
+
+from memlayers.distributed.comm import barrier
+from memlayers.train.checkpoint import FORMAT, VERSION, CheckpointError, list_checkpoints
+
+SHARDS = "shards"
+
+
+def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create every optimizer state tensor now (zeros), so that a checkpoint can be loaded into them."""
+    for child in _optimizers(optimizer):
+        for group in child.param_groups:
+            for p in group["params"]:
+                if child.state.get(p):
+                    continue
+                if hasattr(child, "init_state"):  # the row-sparse optimizers
+                    child.init_state(p)
+                else:  # torch's Adam/AdamW
+                    child.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+
+
+def _as_saved(param: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """A state tensor as it is saved: a DTensor laid out like its parameter, in a float dtype.
+
+    Row-sparse optimizers keep plain local tensors for a sharded table: the
+    moments are that rank's columns (placed like the table), per-row counters
+    are the same on every rank (replicated). Integer counters are stored as
+    float32 (exact up to 2**24 steps).
+    """
+    if not state.is_floating_point():
+        state = state.float()
+    if isinstance(state, DTensor) or not isinstance(param, DTensor):
+        return state
+    if state.shape == param.to_local().shape:
+        return DTensor.from_local(state, param.device_mesh, param.placements, run_check=False)
+    return DTensor.from_local(state, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
+
+
+def _flat_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[tuple]]:
+    """Tensors to save or load into, JSON metadata, and (saved, live) pairs to copy back after a load."""
+    for module in model.modules():  # a forward without backward (evaluation) leaves FSDP's root unsharded
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    groups, scalars, copy_back = [], {}, []
+    for child in _optimizers(optimizer):
+        for group in child.param_groups:
+            groups.append({k: v for k, v in group.items() if k != "params"} | {"params": [names[id(p)] for p in group["params"]]})
+            for p in group["params"]:
+                for key, value in child.state.get(p, {}).items():
+                    name = names[id(p)]
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        saved = _as_saved(p, value)
+                        tensors[f"optim.{name}.{key}"] = saved
+                        if saved is not value:
+                            copy_back.append((saved, value))
+                    else:
+                        scalars.setdefault(name, {})[key] = value.item() if torch.is_tensor(value) else value
+    return tensors, {"param_groups": groups, "scalars": scalars}, copy_back
+
+
+def save_sharded(
+    run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
+    tokenizer_path: str | Path | None = None, keep_last: int | None = None,
+) -> Path:
+    """Every rank writes its shards of ``step_<step>``; rank 0 adds the JSON and renames it into place."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    tensors, meta, _ = _flat_state(model, optimizer)
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+    barrier()
+    if rank == 0:
+        info = {"format": FORMAT, "version": VERSION, "sharded": True, "world_size": dist.get_world_size(),
+                "step": step, "optimizer": meta, **state}
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "state.json").write_text(json.dumps(info, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last is not None:
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bool = False) -> None:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``), re-sharding to their layout.
+
+    ``no_dist``: in one process without a process group (plain tensors).
+    """
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if not state.get("sharded"):
+        raise CheckpointError(f"{path} is a single-process checkpoint; load it with memlayers.train.checkpoint")
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+    tensors, _, copy_back = _flat_state(model, optimizer)
+    try:
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
+    except (RuntimeError, KeyError, FileNotFoundError) as error:
+        raise CheckpointError(f"sharded checkpoint {path} could not be read ({str(error).splitlines()[0]}); use an earlier checkpoint") from None
+    for saved, live in copy_back:
+        live.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
+    if optimizer is not None:
+        _load_optimizer_meta(model, optimizer, state["optimizer"])
+
+
+def _load_optimizer_meta(model: nn.Module, optimizer, meta: dict[str, Any]) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    live = [group for child in _optimizers(optimizer) for group in child.param_groups]
+    if [g["params"] for g in meta["param_groups"]] != [[names[id(p)] for p in g["params"]] for g in live]:
+        raise CheckpointError("optimizer state does not match the model's parameter groups; start a new run or fix the config")
+    for group, saved in zip(live, meta["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    params = dict(model.named_parameters())
+    for child in _optimizers(optimizer):
+        for name, values in meta["scalars"].items():
+            if params[name] in child.state:
+                for key, value in values.items():
+                    child.state[params[name]][key] = torch.tensor(value, dtype=torch.float32)
+
+
+def _model_and_optimizer(state: dict[str, Any]):
+    """The model and optimizer a checkpoint's config describes, built in this process."""
+    from memlayers.config import from_dict
+    from memlayers.model.transformer import Transformer
+    from memlayers.train.config import RunConfig
+    from memlayers.train.optim import build_optimizer, uses_row_grads
+
+    config = from_dict(RunConfig, state["config"])
+    model = Transformer(config.model)
+    if uses_row_grads(config.optim):
+        for layer in model.memory_layers():
+            layer.table_grad = "rows"
+    return model, build_optimizer(model, config.optim)
+
+
+def _run_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The parts of ``state.json`` that describe the run (not the file format)."""
+    return {k: v for k, v in state.items() if k not in ("format", "version", "sharded", "world_size", "step", "optimizer", "tied")}
+
+
+def export_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
+    """Write a sharded checkpoint as a single-process one (weights and optimizer state, safetensors)
+    in ``run_dir/checkpoints/``; one process, no process group needed."""
+    from memlayers.train.checkpoint import read_state, resolve_checkpoint, save_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state = read_state(path)
+    if not state.get("sharded"):
+        raise CheckpointError(f"{path} is already a single-process checkpoint")
+    model, optimizer = _model_and_optimizer(state)
+    load_sharded(path, model, optimizer, no_dist=True)
+    tokenizer = path / "tokenizer.json"
+    return save_checkpoint(run_dir, int(state["step"]), model, optimizer, _run_state(state),
+                           tokenizer_path=tokenizer if tokenizer.is_file() else None)
+
+
+def shard_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
+    """Write a single-process checkpoint as a sharded one in ``run_dir/checkpoints/``, so that a
+    torchrun job (any number of ranks) resumes from it; runs in one process."""
+    from memlayers.train.checkpoint import load_checkpoint, read_state, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state = read_state(path)
+    if state.get("sharded"):
+        raise CheckpointError(f"{path} is already a sharded checkpoint")
+    model, optimizer = _model_and_optimizer(state)
+    load_checkpoint(path, model, optimizer)
+    init_optimizer_state(optimizer)  # parameters the run never stepped still get (zero) state
+    started = not dist.is_initialized()
+    if started:  # a one-rank group: the shards are whole tensors, which any mesh can load
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tokenizer = path / "tokenizer.json"
+        return save_sharded(run_dir, int(state["step"]), model, optimizer, _run_state(state),
+                            tokenizer_path=tokenizer if tokenizer.is_file() else None)
+    finally:
+        if started:
+            dist.destroy_process_group()

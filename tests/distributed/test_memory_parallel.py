@@ -64,3 +64,22 @@ def test_a_lost_rank_stops_the_others_with_an_error(mode):
         assert "a peer rank died, hung past the timeout or left" in run.stderr, run.stderr[-2000:]
     else:  # torchrun reports the dead rank and stops the other
         assert "exitcode" in run.stderr and "worker_fault.py FAILED" in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_a_read_moves_exactly_the_analytic_bytes(tmp_path, nproc):
+    """Lookups all-gathered, rows all-to-all'd and nothing else (benchmarks/bench_comm.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_comm.py"
+    out = tmp_path / "comm.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+           "--tokens", "64", "--n-keys", "32", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    M, B, K, d = nproc, 64, 4 * 32, 256
+    assert result["analytic_bytes_per_read"] == M * 8 + M * B * K * 16 + 2 * B * d * 4
+    assert result["received_bytes_per_read"] == result["analytic_bytes_per_read"]
+    assert result["table_bytes_per_rank"] * nproc == result["table_bytes_unsharded"]

@@ -18,6 +18,15 @@ import torch
 import torch.distributed as dist
 
 
+RECEIVED_BYTES = {"total": 0}
+"""Bytes this rank has received through :func:`gather_sizes`, :func:`all_gather_rows` and
+:func:`all_to_all_rows` (padding included): what the communication benchmark reads."""
+
+
+def _count(*tensors: torch.Tensor) -> None:
+    RECEIVED_BYTES["total"] += sum(t.numel() * t.element_size() for t in tensors)
+
+
 class PeerLostError(RuntimeError):
     """A collective failed because another rank died, hung or left."""
 
@@ -91,6 +100,7 @@ def gather_sizes(n: int, group: dist.ProcessGroup, device: torch.device) -> list
     sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     with collective("all-gather of batch sizes"):
         dist.all_gather(sizes, mine, group=group)
+    _count(*sizes)
     return [int(s) for s in sizes]
 
 
@@ -102,6 +112,7 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup)
     parts = [torch.empty_like(padded) for _ in sizes]
     with collective("all-gather of memory lookups"):
         dist.all_gather(parts, padded.contiguous(), group=group)
+    _count(*parts)
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
@@ -111,4 +122,5 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group: di
     out = x.new_empty((sum(recv), *x.shape[1:]))
     with collective("all-to-all of memory reads"):
         dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    _count(out)
     return out

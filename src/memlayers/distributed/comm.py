@@ -17,7 +17,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 RECEIVED_BYTES = {"total": 0}
 """Bytes this rank has received through :func:`gather_sizes`, :func:`all_gather_rows` and
 :func:`all_to_all_rows` (padding included): what the communication benchmark reads."""

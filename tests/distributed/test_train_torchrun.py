@@ -39,8 +39,9 @@ def losses(run_dir: Path) -> list[dict]:
         ["parallel.memory_parallel=2"],
         ["parallel.memory_parallel=2", "optim.value_optimizer=row_adamw", "optim.value_grad_clip=0.01"],
         ["parallel.memory_parallel=1", "optim.value_optimizer=row_adamw", "train.grad_accum=2"],
+        ["parallel.memory_parallel=2", "optim.value_optimizer=row_adagrad"],
     ],
-    ids=["mp2-adamw", "mp2-row-adamw-clipped", "dp2-row-adamw-accum"],
+    ids=["mp2-adamw", "mp2-row-adamw-clipped", "dp2-row-adamw-accum", "mp2-row-adagrad"],
 )
 def test_two_ranks_train_like_one_process_on_the_whole_batch(tmp_path, overrides):
     settings = ["train.steps=4", "train.eval_qa=4", "train.threads=1", *overrides]
@@ -80,14 +81,14 @@ def test_a_distributed_resume_from_a_single_process_checkpoint_says_what_to_do(t
     assert "memlayers shard" in run.stderr
 
 
-def test_config_rejects_row_adagrad_with_memory_parallelism(tmp_path):
+def test_config_checks_the_parallel_section(tmp_path):
     from memlayers.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^optim.value_optimizer: row_adagrad keeps one accumulator per whole row"):
-        build_config(tmp_path, ["optim.value_optimizer=row_adagrad", "parallel.memory_parallel=2"])
     with pytest.raises(ConfigError, match=r"^parallel.memory_parallel: must be >= 1"):
         build_config(tmp_path, ["parallel.memory_parallel=0"])
-    assert build_config(tmp_path, ["optim.value_optimizer=row_adamw", "parallel.memory_parallel=2"]).parallel.memory_parallel == 2
+    with pytest.raises(ConfigError, match=r"^parallel.timeout_s: must be > 0"):
+        build_config(tmp_path, ["parallel.timeout_s=0"])
+    assert build_config(tmp_path, ["parallel.memory_parallel=2"]).parallel.memory_parallel == 2
 
 
 def trimmed_copy(src: Path, dst: Path, keep_step: int) -> Path:

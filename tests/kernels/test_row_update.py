@@ -147,3 +147,19 @@ def test_an_update_invalidates_graphs_that_saved_the_old_table(ops):
     row_update.sgd_update(table, row_grad(ops), lr=0.1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.sum().backward()
+
+
+def test_adagrad_on_column_shards_equals_adagrad_on_the_whole_table():
+    """Memory parallelism splits rows into column shards; with the per-row sums of g^2
+    added over the shards, each shard moves exactly as its columns of the whole table."""
+    table, _, _, _, state = tables(torch.float32)
+    rows, grads = row_grad(TorchOps, seed=3).rows()
+    whole, whole_state = table.clone(), state.clone()
+    row_update.adagrad_update(whole, whole_state, (rows, grads), lr=0.1, weight_decay=0.01)
+    total = grads.square().sum(dim=1)  # what the all-reduce over the shards returns
+    for cols in (slice(0, 5), slice(5, D)):
+        shard, shard_state = table[:, cols].contiguous(), state.clone()
+        row_update.adagrad_update(shard, shard_state, (rows, grads[:, cols].contiguous()), lr=0.1, weight_decay=0.01,
+                                  row_sum_reduce=lambda local, total=total: total.clone(), row_width=D)
+        torch.testing.assert_close(shard, whole[:, cols])
+        torch.testing.assert_close(shard_state, whole_state)

@@ -15,6 +15,8 @@ like every other part of the update, applies to touched rows only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from memlayers.kernels import cpu
@@ -71,10 +73,15 @@ def sgd_update(table: torch.Tensor, grad: Grad, lr: float, weight_decay: float =
 @torch.no_grad()
 def adagrad_reference(
     table: torch.Tensor, state_sum: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
-    lr: float, eps: float, weight_decay: float,
+    lr: float, eps: float, weight_decay: float, row_mean_sq: torch.Tensor | None = None,
 ) -> None:
-    """Row-wise Adagrad: ``s += mean(g^2)`` per row; ``p = p * (1 - lr * wd) - lr * g / (sqrt(s) + eps)``."""
-    s = state_sum.index_select(0, rows) + grads.square().mean(dim=1)  # (U,)
+    """Row-wise Adagrad: ``s += mean(g^2)`` per row; ``p = p * (1 - lr * wd) - lr * g / (sqrt(s) + eps)``.
+
+    ``row_mean_sq`` ``(U,)`` replaces ``mean(g^2)`` when ``grads`` are only some
+    columns of each row (a column-sharded table: the mean is over the whole row).
+    """
+    mean_sq = grads.square().mean(dim=1) if row_mean_sq is None else row_mean_sq  # (U,)
+    s = state_sum.index_select(0, rows) + mean_sq  # (U,)
     state_sum.index_copy_(0, rows, s)
     p = table.index_select(0, rows).float()  # (U, d)
     p = p * (1 - lr * weight_decay) - (lr / (s.sqrt() + eps)).unsqueeze(1) * grads
@@ -83,12 +90,22 @@ def adagrad_reference(
 
 @torch.no_grad()
 def adagrad_update(
-    table: torch.Tensor, state_sum: torch.Tensor, grad: Grad, lr: float, eps: float = 1e-8, weight_decay: float = 0.0
+    table: torch.Tensor, state_sum: torch.Tensor, grad: Grad, lr: float, eps: float = 1e-8, weight_decay: float = 0.0,
+    row_sum_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, row_width: int | None = None,
 ) -> None:
-    """Row-wise Adagrad (one float32 state per row, as FBGEMM's embedding tables)."""
+    """Row-wise Adagrad (one float32 state per row, as FBGEMM's embedding tables).
+
+    For a column shard of a table, ``row_sum_reduce`` sums each touched row's
+    ``sum(g^2)`` over the shards and ``row_width`` is the whole row's width,
+    so that every shard applies the accumulator of the whole row.
+    """
     if state_sum.dtype != torch.float32 or state_sum.shape != table.shape[:1]:
         raise ValueError(f"row-wise Adagrad state must be float32 of shape ({table.shape[0]},), got {state_sum.dtype} {tuple(state_sum.shape)}")
-    if _fused(table, grad, state_sum):
+    if row_sum_reduce is not None:
+        rows, grads = _rows(grad)
+        mean_sq = row_sum_reduce(grads.square().sum(dim=1)) / (row_width or table.shape[1])  # (U,)
+        adagrad_reference(table, state_sum, rows, grads, lr, eps, weight_decay, mean_sq)
+    elif _fused(table, grad, state_sum):
         _launch("adagrad", (table.dtype,), grad, (table, state_sum), (lr, eps, weight_decay))
     else:
         adagrad_reference(table, state_sum, *_rows(grad), lr, eps, weight_decay)

@@ -100,11 +100,3 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How a run launched by torchrun spreads over its ranks (ignored in one process)."""
-
-    def __post_init__(self) -> None:
-        check(
-            not (self.optim.value_optimizer == "row_adagrad" and self.parallel.memory_parallel > 1),
-            "optim.value_optimizer",
-            "row_adagrad keeps one accumulator per whole row, which memory parallelism splits over ranks; "
-            "use row_adamw or row_sgd with parallel.memory_parallel > 1",
-        )

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
 from memlayers.kernels import row_update
 from memlayers.kernels.row_grad import RowGrad, row_grad_of
@@ -32,6 +33,19 @@ from memlayers.kernels.row_grad import RowGrad, row_grad_of
 def local(param: torch.Tensor) -> torch.Tensor:
     """The tensor to update in place: a DTensor's local shard, or the parameter itself."""
     return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _sum_over_shards(param: torch.Tensor):
+    """For a table sharded over several ranks: a function summing a per-row tensor over them."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None or mesh.size() == 1:
+        return None
+
+    def reduce(per_row: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(per_row, group=mesh.get_group())
+        return per_row
+
+    return reduce
 
 
 def table_gradient(param: torch.Tensor) -> RowGrad | tuple[torch.Tensor, torch.Tensor] | None:
@@ -113,7 +127,11 @@ class RowAdagrad(_RowOptimizer):
 
     def _apply(self, group: dict, p: torch.Tensor, grad) -> None:
         state = self.init_state(p)
-        row_update.adagrad_update(local(p), state["sum"], grad, group["lr"], group["eps"], group["weight_decay"])
+        reduce = _sum_over_shards(p)
+        row_update.adagrad_update(
+            local(p), state["sum"], grad, group["lr"], group["eps"], group["weight_decay"],
+            row_sum_reduce=reduce, row_width=p.shape[1] if reduce else None,
+        )
 
     def _new_state(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sum": torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)}

@@ -83,3 +83,24 @@ def test_a_read_moves_exactly_the_analytic_bytes(tmp_path, nproc):
     assert result["analytic_bytes_per_read"] == M * 8 + M * B * K * 16 + 2 * B * d * 4
     assert result["received_bytes_per_read"] == result["analytic_bytes_per_read"]
     assert result["table_bytes_per_rank"] * nproc == result["table_bytes_unsharded"]
+
+
+def test_bad_layouts_are_config_errors():
+    """In a one-rank process group: PEER cannot be sharded; the group must divide the ranks."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from memlayers.config import ConfigError
+    from memlayers.distributed import ParallelConfig, build_mesh, shard_values
+    from memlayers.memory import MemoryConfig, MemoryLayer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="^parallel.memory_parallel: must divide the number of ranks 1, got 2"):
+            build_mesh(ParallelConfig(memory_parallel=2), torch.device("cpu"))
+        peer = MemoryLayer(8, MemoryConfig(n_keys=4, heads=1, knn=2, k_dim=4, variant="peer"))
+        with pytest.raises(ConfigError, match="^model.memory.variant: memory parallelism shards the plus and plain"):
+            shard_values(peer, init_device_mesh("cpu", (1,)))
+    finally:
+        dist.destroy_process_group()

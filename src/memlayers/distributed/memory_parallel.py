@@ -28,7 +28,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, gather_sizes
+from memlayers.config import ConfigError
+from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, collective, gather_sizes
 from memlayers.kernels.bag_ops import TorchOps, fixed_offsets
 from memlayers.kernels.embedding_bag import OPS, resolve_backend
 from memlayers.kernels.row_grad import read_table_grad, row_grad_of
@@ -118,9 +119,10 @@ def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
     tables = []
     for pool in value_pools(model):
         if pool.up is not None:
-            raise ValueError("memory parallelism shards the plus and plain variants; PEER tables are not supported")
+            raise ConfigError("model.memory.variant", "memory parallelism shards the plus and plain variants, not peer; "
+                              "use parallel.memory_parallel=1 for PEER")
         if pool.values.shape[1] % M:
-            raise ValueError(f"value_dim {pool.values.shape[1]} must be divisible by the memory-parallel size {M}")
+            raise ConfigError("parallel.memory_parallel", f"must divide the value width {pool.values.shape[1]}, got {M}")
         pool.values = nn.Parameter(distribute_tensor(pool.values.detach(), mesh, [Shard(1)]))
         tables.append(pool.values)
     reader = MemoryParallelReader(mesh.get_group())
@@ -151,5 +153,6 @@ def reduce_value_grads(tables: list[nn.Parameter], replicas: dist.ProcessGroup |
         elif table.grad is not None:
             local = table.grad.to_local() if isinstance(table.grad, DTensor) else table.grad
             if replicated:
-                dist.all_reduce(local, group=replicas)
+                with collective("all-reduce of value-table gradients"):
+                    dist.all_reduce(local, group=replicas)
             local.div_(world_size)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from memlayers.config import check
+from memlayers.config import ConfigError, check
 from memlayers.distributed.memory_parallel import reduce_value_grads, shard_values
 
 
@@ -47,7 +47,7 @@ def build_mesh(config: ParallelConfig, device: torch.device) -> DeviceMesh:
     """The ``("dp", "mp")`` mesh over all ranks of the job."""
     world = dist.get_world_size()
     if world % config.memory_parallel:
-        raise ValueError(f"memory_parallel={config.memory_parallel} must divide the world size {world}")
+        raise ConfigError("parallel.memory_parallel", f"must divide the number of ranks {world}, got {config.memory_parallel}")
     shape = (world // config.memory_parallel, config.memory_parallel)
     return init_device_mesh(device.type, shape, mesh_dim_names=("dp", "mp"))
 

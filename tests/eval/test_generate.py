@@ -143,8 +143,8 @@ class _FixedLM(nn.Module):
         self.config = SimpleNamespace(max_seq_len=8)
         self.logits = nn.Parameter(logits)
 
-    def forward(self, tokens: torch.Tensor) -> SimpleNamespace:
-        """Logits ``(B, T, V)``, identical at every position."""
+    def forward(self, tokens: torch.Tensor, targets=None, cache=None) -> SimpleNamespace:
+        """Logits ``(B, T, V)``, identical at every position (no cache needed)."""
         return SimpleNamespace(logits=self.logits.expand(*tokens.shape, -1))
 
 

@@ -80,8 +80,10 @@ class BigramLM(nn.Module):
         self.config = SimpleNamespace(max_seq_len=max_seq_len)
         self.table = nn.Parameter(table)  # (V, V)
 
-    def forward(self, tokens: torch.Tensor) -> SimpleNamespace:
-        """Logits ``(B, T, V)``."""
+    def forward(self, tokens: torch.Tensor, targets=None, cache=None) -> SimpleNamespace:
+        """Logits ``(B, T, V)``; a bigram needs no keys or values, only the cache's position."""
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return SimpleNamespace(logits=self.table[tokens])
 
 
@@ -118,8 +120,11 @@ def test_hand_made_bigram_model_gives_known_scores(ending, with_bos):
     else:  # " paris\nqqqq...": never EOS, cut at the newline
         model = _bigram(codec, {**chain, "s": "\n", "\n": "q"}, default=codec.ids["q"])
     first_tokens = []
-    model.register_forward_pre_hook(
-        lambda module, args: first_tokens.extend(args[0][:, 0].tolist())
+    model.register_forward_pre_hook(  # calls that start a sequence: not a KV-cached continuation
+        lambda module, args, kwargs: first_tokens.extend(args[0][:, 0].tolist())
+        if kwargs.get("cache") is None or kwargs["cache"].length == 0
+        else None,
+        with_kwargs=True,
     )
 
     result = evaluate_qa(model, _as_codec(codec), PAIRS, max_new_tokens=16, batch_size=2)

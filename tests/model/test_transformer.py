@@ -343,3 +343,39 @@ def test_state_dict_round_trip_reproduces_logits(tiny_config, shared):
         assert (source(tokens).logits - target(tokens).logits).abs().amax() > 1e-6
         target.load_state_dict(source.state_dict())
         torch.testing.assert_close(target(tokens).logits, source(tokens).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 1], ids=["mha", "gqa1"])
+@pytest.mark.parametrize("case", sorted(FFN_CASES))
+def test_kv_cache_continuations_equal_the_full_forward(tiny_config, case, n_kv_heads):
+    """Prefill 4 tokens, then 3 at once, then one at a time: the logits of every
+    position equal those of one forward over the whole sequence."""
+    from memlayers.model.attention import KVCache
+
+    overrides, _ = FFN_CASES[case]
+    config = tiny_config(**copy.deepcopy(overrides), n_kv_heads=n_kv_heads, n_heads=4)
+    model = _model(config)
+    tokens = _tokens(config, (3, config.max_seq_len))
+    full = model(tokens).logits  # (3, T, V)
+    cache = KVCache(config.max_seq_len)
+    pieces, start = [], 0
+    for size in [4, 3] + [1] * (config.max_seq_len - 7):
+        pieces.append(model(tokens[:, start : start + size], cache=cache).logits)
+        start += size
+        assert cache.length == start
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(tokens[:, :1], cache=cache)
+
+
+def test_generation_with_the_cache_equals_rerunning_the_whole_sequence(tiny_config):
+    from memlayers.eval.generate import generate
+
+    config = tiny_config(memory_layers=(1,), max_seq_len=16)
+    model = _model(config)
+    prompts = _tokens(config, (4, 5)).tolist()
+    cached = generate(model, prompts, max_new_tokens=11)  # 5 + 11 <= 16: prefill once, then a token a step
+    tokens = torch.tensor(prompts)
+    for _ in range(11):  # the plain loop: the whole sequence every step
+        tokens = torch.cat([tokens, model(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached == tokens[:, 5:].tolist()

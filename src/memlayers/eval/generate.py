@@ -1,9 +1,10 @@
 """Autoregressive generation: greedy or sampled, batched by prompt length.
 
-The model has no attention mask and no KV cache, so only prompts of equal
-token length share a batch (left padding would change their outputs), and each
-step re-runs the model on the whole sequence, cropped to its last
-``model.config.max_seq_len`` tokens.
+The model has no attention mask, so only prompts of equal token length share a
+batch (left padding would change their outputs). When prompt and continuation
+fit in ``model.config.max_seq_len``, the prompt is run once into a KV cache and
+each new token costs one position; longer generations re-run the model on the
+sequence cropped to its last ``max_seq_len`` tokens at every step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Collection, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memlayers.model.attention import KVCache
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -77,9 +80,13 @@ def _generate_batch(
     max_len = model.config.max_seq_len
     prompt_len = tokens.shape[1]
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)  # (B,)
+    cache = KVCache(max_len) if prompt_len + max_new_tokens <= max_len else None
+    new = None
     for _ in range(max_new_tokens):
-        context = tokens[:, -max_len:]  # (B, min(T, max_len))
-        logits = model(context).logits[:, -1]  # (B, V)
+        if cache is None:
+            logits = model(tokens[:, -max_len:]).logits[:, -1]  # (B, V)
+        else:  # the whole prompt once, then only the newest token
+            logits = model(tokens if new is None else new[:, None], cache=cache).logits[:, -1]  # (B, V)
         new = _next_tokens(logits, temperature, top_k, generator)  # (B,)
         tokens = torch.cat([tokens, new[:, None]], dim=1)  # (B, T + 1)
         if stop is not None:

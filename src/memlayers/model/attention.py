@@ -27,6 +27,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of earlier positions, per layer, for incremental decoding.
+
+    :class:`Transformer` fills it and advances ``length`` by the tokens of each
+    call. A layer's buffers ``(B, kv_heads, max_len, head_dim)`` are made at
+    its first call, in the dtype its keys have (bf16 under autocast).
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``(B, KV, T, hd)`` after the cached positions; return all so far."""
+        if layer not in self.keys:
+            B, heads, _, hd = k.shape
+            self.keys[layer] = k.new_zeros(B, heads, self.max_len, hd)
+            self.values[layer] = v.new_zeros(B, heads, self.max_len, hd)
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, KV, end, hd)
+
+
 class Attention(nn.Module):
     """Multi-head causal attention through ``scaled_dot_product_attention``."""
 
@@ -40,14 +66,29 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Attend causally over ``x`` ``(B, T, dim)``; cos/sin ``(T, head_dim)``."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """Attend causally over ``x`` ``(B, T, dim)``; cos/sin ``(T, head_dim)`` at its positions.
+
+        With a ``cache``, ``x`` follows the ``cache.length`` cached positions and
+        attends to them too; its keys and values are added to the cache.
+        """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None and cache.length > 0:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, KV, past + T, hd)
+            # query i (position past + i) sees keys 0 .. past + i
+            mask = torch.arange(past + T, device=x.device) <= (past + torch.arange(T, device=x.device))[:, None]
+            causal = False
+        elif cache is not None:
+            cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)

@@ -7,7 +7,7 @@ from torch import nn
 
 from memlayers.memory.layer import MemoryLayer
 from memlayers.memory.pool import MemoryPool
-from memlayers.model.attention import Attention
+from memlayers.model.attention import Attention, KVCache
 from memlayers.model.config import ModelConfig
 from memlayers.model.ffn import FeedForward, MoE
 
@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = build_ffn(config, layer, pool)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply the block to ``x`` ``(B, T, dim)``."""
-        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Apply the block to ``x`` ``(B, T, dim)`` (after ``cache``'s positions, when given)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer)  # (B, T, dim)
         return h + self.ffn(self.ffn_norm(h))  # (B, T, dim)

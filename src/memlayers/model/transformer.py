@@ -17,7 +17,7 @@ from torch import nn
 
 from memlayers.memory.layer import MemoryLayer
 from memlayers.memory.pool import MemoryPool
-from memlayers.model.attention import rope_tables
+from memlayers.model.attention import KVCache, rope_tables
 from memlayers.model.block import Block
 from memlayers.model.config import ModelConfig
 from memlayers.model.ffn import FeedForward, MoE
@@ -83,19 +83,24 @@ class Transformer(nn.Module):
         if self.memory_pool is not None:
             self.memory_pool.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
         """Next-token logits for ``tokens`` ``(B, T)``.
 
         With ``targets`` ``(B, T)`` (``-100`` = ignore) the loss is the mean
         cross-entropy plus ``moe.aux_loss_weight`` times the MoE balancing loss.
+        With a ``cache`` (:class:`KVCache`), ``tokens`` continue the cached
+        positions, and the cache takes in theirs: prefill, then one token a call.
         """
         T = tokens.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, head_dim)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers:
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
         logits = self.output(self.norm(h))  # (B, T, vocab)
         moe_losses = [b.ffn.aux_loss for b in self.layers if isinstance(b.ffn, MoE)]
         aux_loss = torch.stack(moe_losses).sum() if moe_losses else None

@@ -30,7 +30,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
 from memlayers.distributed.comm import barrier
-from memlayers.train.checkpoint import FORMAT, VERSION, CheckpointError, list_checkpoints
+from memlayers.train.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    list_checkpoints,
+    restore_optimizer_state,
+    split_optimizer_state,
+)
 
 SHARDS = "shards"
 
@@ -80,23 +87,17 @@ def _flat_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], d
     for module in model.modules():  # a forward without backward (evaluation) leaves FSDP's root unsharded
         if isinstance(module, FSDPModule):
             module.reshard()
-    names = {id(p): n for n, p in model.named_parameters()}
     tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
-    groups, scalars, copy_back = [], {}, []
-    for child in _optimizers(optimizer):
-        for group in child.param_groups:
-            groups.append({k: v for k, v in group.items() if k != "params"} | {"params": [names[id(p)] for p in group["params"]]})
-            for p in group["params"]:
-                for key, value in child.state.get(p, {}).items():
-                    name = names[id(p)]
-                    if torch.is_tensor(value) and value.dim() > 0:
-                        saved = _as_saved(p, value)
-                        tensors[f"optim.{name}.{key}"] = saved
-                        if saved is not value:
-                            copy_back.append((saved, value))
-                    else:
-                        scalars.setdefault(name, {})[key] = value.item() if torch.is_tensor(value) else value
-    return tensors, {"param_groups": groups, "scalars": scalars}, copy_back
+    if optimizer is None:
+        return tensors, {"param_groups": [], "scalars": {}}, []
+    entries, meta = split_optimizer_state(model, optimizer)
+    copy_back = []
+    for param, key, value in entries:
+        saved = _as_saved(param, value)
+        tensors["optim." + key.replace("::", ".")] = saved
+        if saved is not value:
+            copy_back.append((saved, value))
+    return tensors, meta, copy_back
 
 
 def save_sharded(
@@ -149,22 +150,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
     for saved, live in copy_back:
         live.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
     if optimizer is not None:
-        _load_optimizer_meta(model, optimizer, state["optimizer"])
-
-
-def _load_optimizer_meta(model: nn.Module, optimizer, meta: dict[str, Any]) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    live = [group for child in _optimizers(optimizer) for group in child.param_groups]
-    if [g["params"] for g in meta["param_groups"]] != [[names[id(p)] for p in g["params"]] for g in live]:
-        raise CheckpointError("optimizer state does not match the model's parameter groups; start a new run or fix the config")
-    for group, saved in zip(live, meta["param_groups"], strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-    params = dict(model.named_parameters())
-    for child in _optimizers(optimizer):
-        for name, values in meta["scalars"].items():
-            if params[name] in child.state:
-                for key, value in values.items():
-                    child.state[params[name]][key] = torch.tensor(value, dtype=torch.float32)
+        restore_optimizer_state(model, optimizer, state["optimizer"])
 
 
 def _model_and_optimizer(state: dict[str, Any]):

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from memlayers.config import ConfigError
 from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, collective, gather_sizes
 from memlayers.kernels.bag_ops import TorchOps, fixed_offsets
-from memlayers.kernels.embedding_bag import OPS, resolve_backend
+from memlayers.kernels.embedding_bag import OPS, over_bags, resolve_backend
 from memlayers.kernels.row_grad import read_table_grad, row_grad_of
 
 
@@ -95,11 +95,7 @@ class MemoryParallelReader:
         local = table.to_local() if table_grad == "dense" else table.to_local().detach()  # (N, d/M)
         name = resolve_backend(backend, local, table_grad)
         ops = OPS.get(name, TorchOps)
-        lead = indices.shape[:-1]
-        flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
-        flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
-        out = MemoryParallelRead.apply(flat_indices, flat_weights, local, (table,), self.group, ops, table_grad)
-        return out.reshape(*lead, out.shape[-1])
+        return over_bags(MemoryParallelRead.apply, indices, weights, local, (table,), self.group, ops, table_grad)
 
 
 def value_pools(model: nn.Module) -> list[nn.Module]:

@@ -45,13 +45,21 @@ def embedding_bag_reference(indices: torch.Tensor, weights: torch.Tensor, table:
     return (rows * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=-2)  # (..., d)
 
 
+def over_bags(fn, indices: torch.Tensor, weights: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(indices, weights, *args)`` on ``(B, K)`` views of ``(..., K)`` lookups; the
+    ``(B, d)`` result comes back as ``(..., d)``."""
+    lead = indices.shape[:-1]
+    out = fn(indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1]), *args)  # (B, d)
+    return out.reshape(*lead, out.shape[-1])
+
+
 def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``torch.nn.functional.embedding_bag`` in sum mode with per-sample weights."""
-    lead = indices.shape[:-1]
-    flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
-    flat_weights = weights.reshape(-1, weights.shape[-1]).to(table.dtype)  # (B, K)
-    out = F.embedding_bag(flat_indices, table, per_sample_weights=flat_weights, mode="sum")  # (B, d)
-    return out.reshape(*lead, table.shape[-1])
+
+    def bags(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(ids, table, per_sample_weights=w.to(table.dtype), mode="sum")  # (B, d)
+
+    return over_bags(bags, indices, weights)
 
 
 class BagFunction(torch.autograd.Function):
@@ -164,11 +172,7 @@ def embedding_bag(
         return embedding_bag_reference(indices, weights, table)
     if name == "torch":
         return embedding_bag_torch(indices, weights, table)
-    lead = indices.shape[:-1]
-    flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
-    flat_weights = weights.reshape(-1, weights.shape[-1])  # (B, K)
-    out = BagFunction.apply(flat_indices, flat_weights, table, OPS[name], table_grad)  # (B, d)
-    return out.reshape(*lead, table.shape[-1])
+    return over_bags(BagFunction.apply, indices, weights, table, OPS[name], table_grad)
 
 
 def embedding_dot_reference(indices: torch.Tensor, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

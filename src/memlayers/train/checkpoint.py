@@ -93,10 +93,11 @@ def _decode(value: Any) -> Any:
     return tuple(_decode(v) for v in value) if isinstance(value, list) else value
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state split into named tensors and JSON (groups, scalar state)."""
+def split_optimizer_state(model: nn.Module, optimizer) -> tuple[list[tuple[nn.Parameter, str, torch.Tensor]], dict]:
+    """An optimizer's state as ``(param, "name::key", tensor)`` entries for its tensors, and JSON
+    (groups with parameter names, scalar state such as Adam's ``step``) for the rest."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors: dict[str, torch.Tensor] = {}
+    entries: list[tuple[nn.Parameter, str, torch.Tensor]] = []
     scalars: dict[str, dict[str, Any]] = {}
     groups = []
     state = optimizer.state  # a ChainedOptimizer merges its children's on every access
@@ -106,16 +107,23 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
             for key, value in state.get(param, {}).items():
                 name = names[id(param)]
                 if torch.is_tensor(value) and value.dim() > 0:
-                    tensors[f"{name}::{key}"] = value.detach().contiguous().cpu()
+                    entries.append((param, f"{name}::{key}", value))
                 else:
                     scalars.setdefault(name, {})[key] = value.item() if torch.is_tensor(value) else value
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    return entries, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state split into named tensors and JSON (groups, scalar state)."""
+    entries, meta = split_optimizer_state(model, optimizer)
+    return {key: value.detach().contiguous().cpu() for _, key, value in entries}, meta
+
+
+def restore_optimizer_state(
+    model: nn.Module, optimizer, meta: dict, tensors: dict[str, torch.Tensor] | None = None
 ) -> None:
-    """Put state saved by :func:`optimizer_state` back into ``optimizer``."""
+    """Put state saved by :func:`split_optimizer_state` back: hyperparameters and scalar state,
+    and, with ``tensors`` (``{"name::key": tensor}``), every state tensor in place of the old."""
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     saved_groups = meta["param_groups"]
@@ -126,12 +134,13 @@ def load_optimizer_state(
     # a ChainedOptimizer's state lives in its children: put each parameter's state in its owner's
     children = getattr(optimizer, "optimizers", [optimizer])
     owner = {id(p): child.state for child in children for g in child.param_groups for p in g["params"]}
-    for child in children:
-        child.state.clear()
-    for key, tensor in tensors.items():
-        name, field = key.split("::", 1)
-        param = params[name]
-        owner[id(param)].setdefault(param, {})[field] = tensor.to(param.device)
+    if tensors is not None:
+        for child in children:
+            child.state.clear()
+        for key, tensor in tensors.items():
+            name, field = key.split("::", 1)
+            param = params[name]
+            owner[id(param)].setdefault(param, {})[field] = tensor.to(param.device)
     for name, values in meta["scalars"].items():
         param = params[name]
         for field, value in values.items():
@@ -270,5 +279,5 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"checkpoint {path} has no optimizer state; it cannot resume training")
-        load_optimizer_state(model, optimizer, _load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        restore_optimizer_state(model, optimizer, state["optimizer"], _load_tensors(path / "optimizer.safetensors"))
     return Checkpoint(path=path, step=int(state["step"]), state=state)

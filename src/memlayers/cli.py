@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | export | import | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -140,6 +140,29 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optional(module: str, extra: str):
+    """Import an integration module; without its extra installed, a config error that says what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise ConfigError("", f"{error.name} is not installed; pip install 'memlayers[{extra}]'") from None
+
+
+def cmd_hf(args: argparse.Namespace) -> int:
+    """Convert between a memlayers checkpoint and a Hugging Face transformers directory."""
+    hf = _optional("memlayers.integrations.hf", "hf")
+    convert = hf.export_to_hf if args.command == "export" else hf.import_from_hf
+    print(f"wrote {convert(args.source, args.out)}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness's own command line, with the ``memlayers`` model and local tasks registered."""
+    return _optional("memlayers.integrations.lm_eval", "eval").run_harness(args.harness_args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Kernel, step and memory benchmarks: a markdown table on stdout, JSON to ``--out``."""
     from memlayers.bench import NAMES, render, run
@@ -215,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
         convert.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
         convert.add_argument("--out", required=True, help="run directory to write checkpoints/step_<N> into")
         convert.set_defaults(func=cmd_checkpoint)
+
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
+    export.add_argument("source", metavar="checkpoint", help="a checkpoint directory, or a run directory (its latest)")
+    export.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+    export.set_defaults(func=cmd_hf)
+
+    imports = sub.add_parser("import", help="write a transformers directory of a memlayers model as a checkpoint")
+    imports.add_argument("source", metavar="hf_dir", help="a directory written by `memlayers export` or save_pretrained")
+    imports.add_argument("--out", required=True, help="run directory to write checkpoints/step_00000000 into")
+    imports.set_defaults(func=cmd_hf)
+
+    harness = sub.add_parser(
+        "lm-eval", help="run lm-evaluation-harness (--model memlayers --model_args checkpoint=PATH --tasks ...)",
+        add_help=False,
+    )
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    harness.set_defaults(func=cmd_lm_eval)
 
     bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
     bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth (default: all)")

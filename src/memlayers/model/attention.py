@@ -33,6 +33,8 @@ class KVCache:
     :class:`Transformer` fills it and advances ``length`` by the tokens of each
     call. A layer's buffers ``(B, kv_heads, max_len, head_dim)`` are made at
     its first call, in the dtype its keys have (bf16 under autocast).
+    A model that keeps its own cache (a transformers model behind an adapter)
+    stores it as ``external`` and advances ``length`` the same way.
     """
 
     def __init__(self, max_len: int):
@@ -40,6 +42,7 @@ class KVCache:
         self.length = 0
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.external: object | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``, ``v`` ``(B, KV, T, hd)`` after the cached positions; return all so far."""

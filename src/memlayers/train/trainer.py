@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 from tqdm import tqdm
 
-from memlayers.config import to_dict
+from memlayers.config import ConfigError, to_dict
 from memlayers.data.facts import generate_world, world_paths, write_world
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
 from memlayers.data.text import read_documents, read_qa
@@ -42,6 +44,7 @@ from memlayers.distributed import (
 from memlayers.distributed.checkpoint import load_sharded, save_sharded
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
+from memlayers.memory.layer import MemoryLayer
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import (
@@ -57,6 +60,9 @@ from memlayers.train.checkpoint import (
 from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
 from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor, uses_row_grads
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+"""The block index in a module name such as ``layers.3.ffn`` or ``model.layers.3.mlp.memory``."""
 
 
 class TrainingError(RuntimeError):
@@ -123,9 +129,17 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True) -> Prepar
 
 
 class Trainer:
-    """Trains a :class:`Transformer` as a :class:`RunConfig` says."""
+    """Trains a :class:`Transformer` as a :class:`RunConfig` says.
 
-    def __init__(self, config: RunConfig, resume: bool | str | Path = False):
+    ``model`` trains another module in its place (``config.model`` is then
+    not used): anything called as ``model(tokens, targets=None, cache=None)``
+    returning an :class:`~memlayers.model.transformer.LMOutput`, with
+    ``config.max_seq_len`` and ``memory_layers()``, such as a retrofitted
+    transformers model behind ``memlayers.integrations.hf.CausalLMAdapter``.
+    Its frozen parameters stay as they are. Such a run is one process.
+    """
+
+    def __init__(self, config: RunConfig, resume: bool | str | Path = False, model: nn.Module | None = None):
         self.run_dir = Path(config.train.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tcfg = config.train
@@ -135,6 +149,8 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.rank, self.world = 0, 1
         if launched_by_torchrun():
+            if model is not None:
+                raise ConfigError("parallel", "a model passed to the Trainer trains in one process; run without torchrun")
             self.device = init_distributed(config.parallel.timeout_s)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
@@ -146,9 +162,13 @@ class Trainer:
         if self.rank > 0:
             self.data = prepare_data(config, self.run_dir, write=False)
         # the model's vocabulary is the tokenizer's
-        model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
-        self.config = dataclasses.replace(config, model=model_config)
-        self.model = Transformer(model_config).to(self.device)
+        self.external_model = model is not None
+        if model is None:  # the model's vocabulary is the tokenizer's
+            model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
+            config = dataclasses.replace(config, model=model_config)
+            model = Transformer(model_config)
+        self.config = config
+        self.model = model.to(self.device)
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
                 layer.table_grad = "rows"
@@ -234,11 +254,12 @@ class Trainer:
     def usage_stats(self) -> dict[str, float]:
         """Slot coverage and KL from uniform of each memory layer's recent reads."""
         stats = {}
-        for block in self.model.layers:
-            usage = getattr(block.ffn, "usage", None)
-            if usage is not None:
-                for key, value in usage.stats().items():
-                    stats[f"memory{block.layer}/{key}"] = value
+        for name, module in self.model.named_modules():
+            if isinstance(module, MemoryLayer) and module.usage is not None:
+                layer = LAYER_INDEX.search(name)
+                label = f"memory{layer.group(1)}" if layer else f"memory_{name}"
+                for key, value in module.usage.stats().items():
+                    stats[f"{label}/{key}"] = value
         return stats
 
     @torch.no_grad()
@@ -302,8 +323,6 @@ class Trainer:
         it to drive one progress bar over several runs).
         """
         tcfg = self.config.train
-        params = count_parameters(self.config.model)
-        flops = count_flops(self.config.model, self.config.data.seq_len)
         bar = tqdm(total=tcfg.steps, initial=self.step, unit="step", disable=not progress or self.rank > 0, dynamic_ncols=True)
         start, start_tokens, trained = time.perf_counter(), self.tokens_seen, 0
         try:
@@ -330,11 +349,21 @@ class Trainer:
         self.logger.log(self.step, final)
         self.logger.close()
         checkpoint = self.save()
-        return {
+        summary = {
             **final,
             "step": self.step,
             "checkpoint": str(checkpoint),
             "tokens_per_s": (self.tokens_seen - start_tokens) / max(seconds, 1e-9) if trained else 0.0,
+        }
+        if self.external_model:
+            params = list(self.model.parameters())
+            summary["params"] = sum(p.numel() for p in params)
+            summary["trained_params"] = sum(p.numel() for p in params if p.requires_grad)
+            return summary
+        params = count_parameters(self.config.model)
+        flops = count_flops(self.config.model, self.config.data.seq_len)
+        return {
+            **summary,
             "params": params.total,
             "memory_params": params.memory,
             "active_params": params.active,

@@ -1,0 +1,33 @@
+"""Hugging Face transformers integration (needs ``pip install memlayers[hf]``).
+
+- :class:`MemlayersConfig` / :class:`MemlayersForCausalLM`: memlayers models as
+  transformers models, registered with ``AutoConfig`` / ``AutoModelForCausalLM``.
+- :func:`export_to_hf` / :func:`import_from_hf`: memlayers checkpoint <-> transformers directory.
+- :func:`add_memory`: retrofit memory layers into a Llama, Mistral, Qwen2 or Qwen3 model;
+  :func:`freeze_all_but_memory` and :func:`train_memory` train them with the memlayers trainer.
+"""
+
+from memlayers.integrations.hf.convert import export_to_hf, import_from_hf
+from memlayers.integrations.hf.finetune import CausalLMAdapter, train_memory
+from memlayers.integrations.hf.modeling import MemlayersConfig, MemlayersForCausalLM
+from memlayers.integrations.hf.retrofit import (
+    FAMILIES,
+    ParallelMemory,
+    add_memory,
+    freeze_all_but_memory,
+    memory_parameters,
+)
+
+__all__ = [
+    "FAMILIES",
+    "CausalLMAdapter",
+    "MemlayersConfig",
+    "MemlayersForCausalLM",
+    "ParallelMemory",
+    "add_memory",
+    "export_to_hf",
+    "freeze_all_but_memory",
+    "import_from_hf",
+    "memory_parameters",
+    "train_memory",
+]

@@ -1,0 +1,90 @@
+"""Train a retrofitted transformers model with the memlayers trainer.
+
+:class:`CausalLMAdapter` puts a transformers causal LM behind the interface of
+memlayers' own :class:`~memlayers.model.transformer.Transformer`, so the
+trainer, factual-QA evaluation and generation run on it unchanged;
+:func:`train_memory` freezes all but the memory and trains on the text that
+the run config names::
+
+    model = AutoModelForCausalLM.from_pretrained("my-llama")
+    add_memory(model, layers=[4, 12], memory=MemoryConfig(n_keys=256), mode="parallel")
+    config = load_config(RunConfig, overrides=["data.train=notes.txt",
+                                                "data.tokenizer=my-llama/tokenizer.json"])
+    train_memory(model, config)
+    model.save_pretrained("my-llama-memory")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from memlayers.integrations.hf.retrofit import freeze_all_but_memory
+from memlayers.memory.layer import MemoryLayer
+from memlayers.model.attention import KVCache
+from memlayers.model.transformer import LMOutput
+from memlayers.train.config import RunConfig
+from memlayers.train.trainer import Trainer
+
+
+class CausalLMAdapter(nn.Module):
+    """A transformers causal LM called like a memlayers ``Transformer``.
+
+    ``forward(tokens, targets=None, cache=None)`` returns ``LMOutput``;
+    ``targets`` are aligned with ``tokens`` (position t predicts
+    ``targets[:, t]``, ``-100`` ignored). With a memlayers ``KVCache`` the
+    model's own transformers cache lives in ``cache.external``.
+    ``config.max_seq_len`` is the model's ``max_position_embeddings``.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.lm = model
+        self.config = SimpleNamespace(max_seq_len=model.config.max_position_embeddings)
+
+    def memory_layers(self) -> list[MemoryLayer]:
+        """The memory layers, in depth order."""
+        return [m for m in self.modules() if isinstance(m, MemoryLayer)]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
+        """Logits ``(B, T, vocab)`` for ``tokens`` ``(B, T)``, and the mean loss against ``targets``."""
+        past = None
+        if cache is not None:
+            if cache.external is None:
+                cache.external = DynamicCache()
+            past = cache.external
+        logits = self.lm(input_ids=tokens, past_key_values=past, use_cache=cache is not None).logits  # (B, T, V)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        loss = None
+        if targets is not None:
+            flat = logits.flatten(0, 1)  # (B*T, V)
+            loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss, None)
+
+
+def train_memory(
+    model: PreTrainedModel,
+    config: RunConfig,
+    freeze: bool = True,
+    resume: bool | str | Path = False,
+) -> dict[str, Any]:
+    """Train ``model`` (retrofitted with ``add_memory``) on the run config's data; returns the trainer's summary.
+
+    ``config.data`` names the user's text (``data.train``) and the model's
+    ``tokenizer.json`` (``data.tokenizer``); ``optim`` and ``train`` work as in
+    ``memlayers train`` (``optim.value_lr`` for the value pool, checkpoints
+    and ``resume`` in ``train.out_dir``). With ``freeze`` only the memory layers,
+    their pool and their gates are trained. The model is trained in place.
+    """
+    if not any(isinstance(m, MemoryLayer) for m in model.modules()):
+        raise ValueError("the model has no memory layers; call memlayers.integrations.hf.add_memory first")
+    if freeze:
+        freeze_all_but_memory(model)
+    return Trainer(config, resume=resume, model=CausalLMAdapter(model)).fit()

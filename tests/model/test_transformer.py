@@ -379,3 +379,46 @@ def test_generation_with_the_cache_equals_rerunning_the_whole_sequence(tiny_conf
     for _ in range(11):  # the plain loop: the whole sequence every step
         tokens = torch.cat([tokens, model(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached == tokens[:, 5:].tolist()
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 1], ids=["mha", "gqa1"])
+@pytest.mark.parametrize("case", sorted(FFN_CASES))
+def test_left_padded_rows_compute_what_they_would_alone(tiny_config, case, n_kv_heads):
+    """Rows of lengths 9, 5 and 2 padded on the left, with an attention mask:
+    every real position's logits equal those of the row run alone, in one
+    forward and when continued through the cache."""
+    from memlayers.model.attention import KVCache
+
+    overrides, _ = FFN_CASES[case]
+    config = tiny_config(**copy.deepcopy(overrides), n_kv_heads=n_kv_heads, n_heads=4)
+    model = _model(config)
+    rows = [_tokens(config, (n,), seed=n) for n in (9, 5, 2)]
+    padded = torch.zeros(3, 9, dtype=torch.long)  # pad id 0 is an ordinary token: the mask must hide it
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, 9 - len(row) :] = row
+        mask[i, 9 - len(row) :] = 1
+    logits = model(padded, attention_mask=mask).logits  # (3, 9, V)
+    assert torch.isfinite(logits).all()
+    alone = [model(row[None]).logits[0] for row in rows]
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(logits[i, 9 - len(row) :], alone[i], rtol=1e-9, atol=1e-10)
+    # unmasked, the padding changes the short rows: the mask is what hides it
+    assert not torch.allclose(model(padded).logits[2, -1], alone[2][-1])
+
+    cache = KVCache(config.max_seq_len)
+    model(padded, cache=cache, attention_mask=mask)
+    new = _tokens(config, (3, 2), seed=7)
+    step_mask = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], dim=1)  # (3, 11)
+    step = model(new, cache=cache, attention_mask=step_mask).logits  # (3, 2, V)
+    for i, row in enumerate(rows):
+        whole = model(torch.cat([row, new[i]])[None]).logits[0, -2:]
+        torch.testing.assert_close(step[i], whole, rtol=1e-9, atol=1e-10)
+
+
+def test_attention_mask_of_the_wrong_shape_is_refused(tiny_config):
+    config = tiny_config()
+    model = _model(config)
+    tokens = _tokens(config, (2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\); expected \(2, 5\)"):
+        model(tokens, attention_mask=torch.ones(2, 4))

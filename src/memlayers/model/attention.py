@@ -21,10 +21,28 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(B, heads, T, hd)`` by position; cos/sin are ``(T, hd)``."""
+    """Rotate ``x`` ``(B, heads, T, hd)`` by position; cos/sin are ``(T, hd)`` or ``(B, 1, T, hd)``."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, heads, T, hd)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def padding_mask(keep: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and positions for a padded batch.
+
+    ``keep`` ``(B, S)`` marks real tokens (True) and padding (False) over all
+    ``S`` positions so far; the queries are the last ``S - start``. Returns the
+    boolean mask ``(B, 1, T, S)``: causal, padding keys hidden, and each query
+    sees itself (so a padding query has a key and never yields NaN); and the
+    rotary positions ``(B, T)``: each row counts its real tokens, so a
+    left-padded prompt is placed as it would be alone.
+    """
+    S = keep.shape[1]
+    positions = (keep.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # (B, T)
+    keys = torch.arange(S, device=keep.device)  # (S,)
+    queries = torch.arange(start, S, device=keep.device)[:, None]  # (T, 1)
+    mask = ((keys <= queries) & keep[:, None, :]) | (keys == queries)  # (B, T, S)
+    return mask[:, None], positions
 
 
 class KVCache:
@@ -70,25 +88,34 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attend causally over ``x`` ``(B, T, dim)``; cos/sin ``(T, head_dim)`` at its positions.
+        """Attend causally over ``x`` ``(B, T, dim)``; cos/sin ``(T, head_dim)`` at its
+        positions, or ``(B, 1, T, head_dim)`` when rows have positions of their own.
 
         With a ``cache``, ``x`` follows the ``cache.length`` cached positions and
-        attends to them too; its keys and values are added to the cache.
+        attends to them too; its keys and values are added to the cache. A
+        boolean ``mask`` ``(B, 1, T, past + T)`` (True: may attend) replaces the
+        causal rule, e.g. to hide padding (see :func:`padding_mask`).
         """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None and cache.length > 0:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, KV, past + T, hd)
-            # query i (position past + i) sees keys 0 .. past + i
-            mask = torch.arange(past + T, device=x.device) <= (past + torch.arange(T, device=x.device))[:, None]
-            causal = False
+            if mask is None:  # query i (position past + i) sees keys 0 .. past + i
+                mask = torch.arange(past + T, device=x.device) <= (past + torch.arange(T, device=x.device))[:, None]
+                causal = False
         elif cache is not None:
             cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(

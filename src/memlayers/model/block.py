@@ -34,7 +34,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = build_ffn(config, layer, pool)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Apply the block to ``x`` ``(B, T, dim)`` (after ``cache``'s positions, when given)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer)  # (B, T, dim)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply the block to ``x`` ``(B, T, dim)`` (after ``cache``'s positions, when given;
+        ``mask`` as in :meth:`Attention.forward`)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, mask)  # (B, T, dim)
         return h + self.ffn(self.ffn_norm(h))  # (B, T, dim)

@@ -17,7 +17,7 @@ from torch import nn
 
 from memlayers.memory.layer import MemoryLayer
 from memlayers.memory.pool import MemoryPool
-from memlayers.model.attention import KVCache, rope_tables
+from memlayers.model.attention import KVCache, padding_mask, rope_tables
 from memlayers.model.block import Block
 from memlayers.model.config import ModelConfig
 from memlayers.model.ffn import FeedForward, MoE
@@ -83,22 +83,42 @@ class Transformer(nn.Module):
         if self.memory_pool is not None:
             self.memory_pool.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> LMOutput:
         """Next-token logits for ``tokens`` ``(B, T)``.
 
         With ``targets`` ``(B, T)`` (``-100`` = ignore) the loss is the mean
         cross-entropy plus ``moe.aux_loss_weight`` times the MoE balancing loss.
         With a ``cache`` (:class:`KVCache`), ``tokens`` continue the cached
         positions, and the cache takes in theirs: prefill, then one token a call.
+        ``attention_mask`` ``(B, cached + T)`` (1: token, 0: padding) batches
+        prompts of different lengths, padded on the left: each row then
+        computes what it would alone (the padding positions' outputs are
+        meaningless).
         """
-        T = tokens.shape[1]
+        B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, head_dim)
+        mask = None
+        if attention_mask is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, head_dim)
+        else:
+            if tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, start + T)} "
+                    "(batch, cached + new positions)"
+                )
+            mask, positions = padding_mask(attention_mask.bool(), start)  # (B, 1, T, S), (B, T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, head_dim)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers:
-            h = block(h, cos, sin, cache)
+            h = block(h, cos, sin, cache, mask)
         if cache is not None:
             cache.length += T
         logits = self.output(self.norm(h))  # (B, T, vocab)

@@ -111,9 +111,9 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
 
     ``forward(input_ids, labels=..., past_key_values=...)`` returns
     ``CausalLMOutputWithPast``; ``labels`` follow the transformers convention
-    (same shape as ``input_ids``, shifted inside, ``-100`` ignored). The model
-    has no padding mask: an ``attention_mask`` with zeros is refused (batch
-    prompts of equal length, or generate one prompt at a time).
+    (same shape as ``input_ids``, shifted inside, ``-100`` ignored). An
+    ``attention_mask`` with zeros marks padding: pad prompts on the left
+    (``tokenizer.padding_side = "left"``) to generate a batch of different lengths.
     """
 
     _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
@@ -162,11 +162,8 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits for ``input_ids`` ``(B, T)`` after the cached positions; loss with ``labels``."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "memlayers models take no padding mask: give prompts of equal length in a batch "
-                "(or one prompt at a time) instead of a padded batch"
-            )
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing hidden: the plain causal path
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
@@ -175,7 +172,7 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.full_like(labels, -100)  # (B, T): position t predicts token t + 1
             targets[:, :-1] = labels[:, 1:]
-        out = self.model(input_ids, targets, cache=cache)
+        out = self.model(input_ids, targets, cache=cache, attention_mask=attention_mask)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(
             loss=out.loss,

@@ -35,3 +35,18 @@ def test_readme_row_sparse_example_touches_only_read_rows():
     read = torch.zeros(table.shape[0], dtype=torch.bool)
     read[indices.unique()] = True
     assert torch.equal(moved, read)
+
+
+def test_readme_retrofit_example_keeps_outputs_and_saves_the_memory(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    code = next(block for block in readme_examples() if "add_memory" in block)
+    code = code.replace("add_memory(llama,", "x = torch.randint(0, 1000, (1, 16)); before = llama(x).logits\nadd_memory(llama,")
+    scope = run("import torch\n" + code)
+    llama = scope["llama"]
+    assert torch.equal(llama(scope["x"]).logits, scope["before"])
+    assert scope["trained"] == sorted(n for n, p in llama.named_parameters() if p.requires_grad)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llama-memory")
+    assert type(loaded) is type(llama)
+    assert torch.equal(loaded(scope["x"]).logits, scope["before"])

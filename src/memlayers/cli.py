@@ -249,12 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--out", required=True, help="run directory to write checkpoints/step_00000000 into")
     imports.set_defaults(func=cmd_hf)
 
-    harness = sub.add_parser(
-        "lm-eval", help="run lm-evaluation-harness (--model memlayers --model_args checkpoint=PATH --tasks ...)",
-        add_help=False,
-    )
-    harness.add_argument("harness_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
-    harness.set_defaults(func=cmd_lm_eval)
+    # listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser
+    sub.add_parser("lm-eval", help="run lm-evaluation-harness with the memlayers model and tasks registered "
+                   "(--model memlayers --model_args checkpoint=PATH --tasks memlayers_fact_qa ...)", add_help=False)
 
     bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
     bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth (default: all)")
@@ -272,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     from memlayers.train.checkpoint import CheckpointError
     from memlayers.train.trainer import TrainingError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, options included
+        args = argparse.Namespace(func=cmd_lm_eval, harness_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as error:

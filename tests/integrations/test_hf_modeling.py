@@ -139,8 +139,10 @@ def test_export_and_import_round_trip_a_trained_checkpoint(tiny_run, tmp_path):
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir)
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     text = "Question: Where was the first person born?\nAnswer:"
-    ids = tokenizer.encode(text)
-    assert hf_tokenizer(text).input_ids == ids
+    ids = tokenizer.encode(text, bos=True)
+    assert hf_tokenizer(text).input_ids == ids  # BOS first, as memlayers feeds its models
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == ids[1:]
+    assert tokenizer.encode(text) == ids[1:]  # the checkpoint's own tokenizer is left as it was
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
     x = torch.tensor([ids])
     torch.testing.assert_close(hf_model(x).logits, model(x).logits, rtol=0, atol=0)

@@ -279,3 +279,22 @@ def test_memlayers_lm_eval_command_writes_results(ckpt: Path, loaded, mixed_qa: 
     results = json.loads(results_file.read_text())
     assert results["results"][TASK_NAME]["exact_match,none"] == pytest.approx(reference.exact_match)
     assert results["config"]["memlayers_checkpoint"] == str(ckpt)
+
+
+def test_exported_model_scores_the_same_in_lm_evals_own_hf_model(lm: MemlayersLM, ckpt: Path, tiny_run: Path, tmp_path: Path):
+    """`memlayers export` gives a directory that lm-eval's stock `hf` model loads
+    (after `import memlayers.integrations.hf`) and scores as the memlayers model does."""
+    pytest.importorskip("accelerate")
+    from lm_eval.api.registry import get_model
+
+    from memlayers.integrations.hf import export_to_hf
+
+    hf_dir = export_to_hf(ckpt, tmp_path / "hf")
+    hf_lm = get_model("hf")(pretrained=str(hf_dir), device="cpu", batch_size=4)
+    pairs = read_qa(tiny_run / "data" / "qa.jsonl")[:6]
+    arguments = [(qa_prompt(p["question"]), " " + p["answer"]) for p in pairs]
+    ours = lm.loglikelihood(_requests("loglikelihood", arguments), disable_tqdm=True)
+    theirs = hf_lm.loglikelihood(_requests("loglikelihood", arguments), disable_tqdm=True)
+    assert len({round(lp, 3) for lp, _ in ours}) == len(ours)  # distinct scores, so equality means something
+    assert [lp for lp, _ in theirs] == pytest.approx([lp for lp, _ in ours], abs=1e-4, rel=0)
+    assert [g for _, g in theirs] == [g for _, g in ours]

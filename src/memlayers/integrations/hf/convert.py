@@ -2,8 +2,8 @@
 
 ``export_to_hf`` writes what ``save_pretrained`` writes (``config.json``,
 ``model.safetensors``, ``generation_config.json``) plus the tokenizer as a
-transformers fast tokenizer, so ``AutoModelForCausalLM`` and ``AutoTokenizer``
-load the directory. ``import_from_hf`` writes such a directory back as a
+transformers fast tokenizer that puts BOS first (as memlayers feeds its
+models), so ``AutoModelForCausalLM`` and ``AutoTokenizer`` load the directory. ``import_from_hf`` writes such a directory back as a
 memlayers checkpoint (step 0, no optimizer state) that ``memlayers eval``,
 ``generate`` and ``train --resume-from`` read.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 from memlayers.config import ConfigError, from_dict, to_dict
@@ -26,6 +28,18 @@ from memlayers.train.pretrained import load_pretrained
 def _token(tokenizer: Tokenizer, token_id: int | None) -> str | None:
     """The text of a special token id (None stays None)."""
     return None if token_id is None else tokenizer.backend.id_to_token(token_id)
+
+
+def _with_bos(tokenizer: Tokenizer) -> HFTokenizer:
+    """A copy of the tokenizer's backend that puts BOS first, as memlayers encodes for its
+    models (``tokenizer(text)`` then gives the ids that ``memlayers eval`` feeds)."""
+    backend = HFTokenizer.from_str(tokenizer.backend.to_str())
+    if tokenizer.bos_id is not None:
+        bos = _token(tokenizer, tokenizer.bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_id)]
+        )
+    return backend
 
 
 def export_to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -46,7 +60,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     )
     hf_model.save_pretrained(out)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend,
+        tokenizer_object=_with_bos(tokenizer),
         bos_token=_token(tokenizer, tokenizer.bos_id),
         eos_token=_token(tokenizer, tokenizer.eos_id),
         pad_token=_token(tokenizer, tokenizer.pad_id),

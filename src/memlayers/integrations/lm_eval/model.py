@@ -20,6 +20,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+# lm-eval fills its model registry lazily only while it is empty: fill it first,
+# or registering memlayers would hide "hf" and lm-eval's other models
+import lm_eval.models  # noqa: F401
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM

@@ -161,6 +161,38 @@ def test_train_memory_moves_only_the_memory(tiny_run, tmp_path):
     assert any("memory1/coverage" in record for record in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
 
 
+@pytest.mark.slow
+def test_train_memory_resumes_exactly(tiny_run, tmp_path):
+    """6 steps straight equal 3 steps, then a resume for 3 more, on a fresh copy of the model."""
+    from memlayers.data.tokenizer import Tokenizer
+
+    from .conftest import build_config
+
+    vocab = Tokenizer.load(tiny_run / "tokenizer.json").vocab_size
+
+    def retrofitted():
+        model = tiny_model("qwen3", vocab_size=vocab)
+        torch.manual_seed(5)
+        return add_memory(model, layers=[2], memory=MEMORY, mode="replace")
+
+    def config(run: str, steps: int):
+        return build_config(tmp_path / run, [
+            f"train.steps={steps}", "train.checkpoint_every=3", "train.eval_qa=2", "train.schedule=constant",
+            f"data.tokenizer={tiny_run / 'tokenizer.json'}", f"data.train={tiny_run / 'data' / 'train.jsonl'}",
+        ])
+
+    straight = retrofitted()
+    train_memory(straight, config("straight", 6))
+    interrupted = retrofitted()
+    train_memory(interrupted, config("resumed", 3))
+    resumed = retrofitted()  # a new process would start from the saved model the same way
+    summary = train_memory(resumed, config("resumed", 6), resume=True)
+    assert summary["step"] == 6
+    for name, param in memory_parameters(straight).items():
+        assert torch.equal(memory_parameters(resumed)[name], param), name
+    assert not torch.equal(memory_parameters(interrupted)["model.memory_pool.values"], memory_parameters(resumed)["model.memory_pool.values"])
+
+
 def test_freeze_all_but_memory_names_what_is_trained():
     model = tiny_model("mistral")
     add_memory(model, layers=[2], memory=MEMORY, mode="parallel")

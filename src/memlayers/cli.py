@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | export | import | lm-eval | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -158,6 +158,26 @@ def cmd_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrofit(args: argparse.Namespace) -> int:
+    """Add memory layers to a local transformers model, train them on text, save the result."""
+    from memlayers.train.config import RunConfig
+
+    hf = _optional("memlayers.integrations.hf", "hf")
+    try:
+        layers = [int(part) for part in args.layers.split(",")]
+    except ValueError:
+        raise ConfigError("layers", f"must be comma-separated layer indices like 4,12, got {args.layers!r}") from None
+    overrides = list(args.overrides)
+    if not any(o.startswith("train.out_dir=") for o in overrides):
+        overrides.append(f"train.out_dir={Path(args.out) / 'training'}")
+    config = load_config(RunConfig, args.config, overrides)
+    summary = hf.retrofit_pretrained(args.model, args.out, layers, args.mode, config, train=not args.no_train)
+    if summary:
+        print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """lm-evaluation-harness's own command line, with the ``memlayers`` model and local tasks registered."""
     return _optional("memlayers.integrations.lm_eval", "eval").run_harness(args.harness_args)
@@ -249,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--out", required=True, help="run directory to write checkpoints/step_00000000 into")
     imports.set_defaults(func=cmd_hf)
 
+    retrofit = sub.add_parser("retrofit", help="add memory layers to a local Llama/Mistral/Qwen model and train them")
+    retrofit.add_argument("model", help="a local transformers model directory (save_pretrained layout)")
+    retrofit.add_argument("overrides", nargs="*", help="dotted overrides: model.memory.*, data.*, optim.*, train.*")
+    retrofit.add_argument("--layers", required=True, help="comma-separated decoder layers, e.g. 4,12")
+    retrofit.add_argument("--mode", choices=["parallel", "replace"], default="parallel",
+                          help="parallel: beside the MLP, zero-gated (default); replace: instead of it")
+    retrofit.add_argument("--out", required=True, help="directory for the retrofitted model (training under OUT/training)")
+    retrofit.add_argument("--config", help="a YAML preset for the memory, data, optimizer and training")
+    retrofit.add_argument("--no-train", action="store_true", help="only add the memory layers and save")
+    retrofit.set_defaults(func=cmd_retrofit)
+
     # listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser
     sub.add_parser("lm-eval", help="run lm-evaluation-harness with the memlayers model and tasks registered "
                    "(--model memlayers --model_args checkpoint=PATH --tasks memlayers_fact_qa ...)", add_help=False)
@@ -263,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` overrides after the options too (argparse
+    alone wants them right after the command's first positional)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a config, data, checkpoint or training problem is one line on stderr, exit 2."""
     from memlayers.data.text import DataError
@@ -273,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, options included
         args = argparse.Namespace(func=cmd_lm_eval, harness_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except ConfigError as error:

@@ -227,3 +227,37 @@ def test_bad_retrofits_are_config_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="cannot retrofit a 'gpt2' model"):
         add_memory(gpt2, layers=[0], memory=MEMORY)
+
+
+def test_retrofit_command_adds_trains_and_saves_the_memory(tiny_run, tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+
+    from memlayers.cli import main
+    from memlayers.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_run / "tokenizer.json")
+    base = tiny_model("llama", vocab_size=tokenizer.vocab_size)
+    base.save_pretrained(tmp_path / "base")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token="<|eos|>").save_pretrained(tmp_path / "base")
+    out = tmp_path / "out"
+    code = main([
+        "retrofit", str(tmp_path / "base"), "--layers", "0,2", "--mode", "parallel", "--out", str(out),
+        "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16",
+        "train.steps=3", "train.batch_size=4", "train.eval_qa=2", "train.threads=1", "data.seq_len=32",
+        f"data.train={tiny_run / 'data' / 'train.jsonl'}",
+    ])
+    assert code == 0
+    assert (out / "training" / "checkpoints" / "step_00000003").is_dir() and (out / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.memory_retrofit["layers"] == [0, 2] and loaded.config.memory_retrofit["memory"]["n_keys"] == 8
+    trained = memory_parameters(loaded)
+    for name, param in base.state_dict().items():  # the base model's weights are untouched
+        for index in (0, 2):  # in parallel mode the original MLP sits inside the new block
+            name = name.replace(f"layers.{index}.mlp.", f"layers.{index}.mlp.mlp.")
+        assert torch.equal(loaded.state_dict()[name], param), name
+    assert trained["model.layers.0.mlp.gate"].abs().sum() > 0  # the gates moved off zero: it trained
+
+    assert main(["retrofit", str(tmp_path / "base"), "--layers", "0,x", "--out", str(out)]) == 2
+    assert main(["retrofit", str(tmp_path / "nothing"), "--layers", "1", "--out", str(out), "--no-train"]) == 2
+    err = capsys.readouterr().err
+    assert "layers: must be comma-separated layer indices" in err and "has no config.json" in err

@@ -4,11 +4,12 @@
   transformers models, registered with ``AutoConfig`` / ``AutoModelForCausalLM``.
 - :func:`export_to_hf` / :func:`import_from_hf`: memlayers checkpoint <-> transformers directory.
 - :func:`add_memory`: retrofit memory layers into a Llama, Mistral, Qwen2 or Qwen3 model;
-  :func:`freeze_all_but_memory` and :func:`train_memory` train them with the memlayers trainer.
+  :func:`freeze_all_but_memory` and :func:`train_memory` train them with the memlayers trainer;
+  :func:`retrofit_pretrained` does all of it for a model directory (``memlayers retrofit``).
 """
 
 from memlayers.integrations.hf.convert import export_to_hf, import_from_hf
-from memlayers.integrations.hf.finetune import CausalLMAdapter, train_memory
+from memlayers.integrations.hf.finetune import CausalLMAdapter, retrofit_pretrained, train_memory
 from memlayers.integrations.hf.modeling import MemlayersConfig, MemlayersForCausalLM
 from memlayers.integrations.hf.retrofit import (
     FAMILIES,
@@ -29,5 +30,6 @@ __all__ = [
     "freeze_all_but_memory",
     "import_from_hf",
     "memory_parameters",
+    "retrofit_pretrained",
     "train_memory",
 ]

@@ -12,10 +12,15 @@ the run config names::
                                                 "data.tokenizer=my-llama/tokenizer.json"])
     train_memory(model, config)
     model.save_pretrained("my-llama-memory")
+
+or from the command line, ``memlayers retrofit my-llama --layers 4,12 --out
+my-llama-memory data.train=notes.txt model.memory.n_keys=256``
+(:func:`retrofit_pretrained`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,12 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from memlayers.integrations.hf.retrofit import freeze_all_but_memory
+from memlayers.config import ConfigError
+from memlayers.integrations.hf.retrofit import Mode, add_memory, freeze_all_but_memory
 from memlayers.memory.layer import MemoryLayer
 from memlayers.model.attention import KVCache
 from memlayers.model.transformer import LMOutput
+from memlayers.train.checkpoint import CheckpointError
 from memlayers.train.config import RunConfig
 from memlayers.train.trainer import Trainer
 
@@ -88,3 +95,37 @@ def train_memory(
     if freeze:
         freeze_all_but_memory(model)
     return Trainer(config, resume=resume, model=CausalLMAdapter(model)).fit()
+
+
+def retrofit_pretrained(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    layers: list[int],
+    mode: Mode,
+    config: RunConfig,
+    train: bool = True,
+) -> dict[str, Any]:
+    """Load a local transformers model, add memory layers, train them, save the result; returns the training summary.
+
+    The memory is ``config.model.memory`` (the rest of ``config.model`` is not
+    used); training is :func:`train_memory` on ``config.data`` with the
+    model's own ``tokenizer.json`` unless ``data.tokenizer`` names one. The
+    retrofitted model (and the model's tokenizer, when it has one) is saved to
+    ``out_dir`` with ``save_pretrained``. Nothing is downloaded.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: give a local transformers model directory")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    add_memory(model, layers, config.model.memory, mode)
+    summary: dict[str, Any] = {}
+    if train:
+        if config.data.tokenizer is None:
+            if not (model_dir / "tokenizer.json").is_file():
+                raise ConfigError("data.tokenizer", f"{model_dir} has no tokenizer.json; name the model's tokenizer.json")
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(model_dir / "tokenizer.json")))
+        summary = train_memory(model, config)
+    model.save_pretrained(out_dir)
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out_dir)
+    return summary

@@ -116,13 +116,15 @@ def _exit_code(code: Any) -> int:
 def run_harness(argv: list[str]) -> int:
     """Run lm-eval's command line in this process on ``argv``, as ``lm_eval ARGV`` would; returns its exit status.
 
-    The ``memlayers`` model is registered and ``argv`` goes through
-    :func:`harness_argv` first. lm-eval reads ``sys.argv``, which is set for
+    The ``memlayers`` model is registered (and memlayers' transformers
+    classes, for ``--model hf --model_args pretrained=EXPORTED_DIR``) and
+    ``argv`` goes through :func:`harness_argv` first. lm-eval reads ``sys.argv``, which is set for
     the call and restored afterwards. Errors of memlayers (a bad checkpoint,
     a bad question file) propagate as their exceptions.
     """
     from lm_eval.__main__ import cli_evaluate
 
+    import memlayers.integrations.hf  # noqa: F401  (lm-eval's `hf` model can then load exported directories)
     import memlayers.integrations.lm_eval.model  # noqa: F401  (registers the model)
 
     saved = sys.argv

@@ -6,12 +6,12 @@ per token and value width ``d``, one read (forward and backward) lands in each
 rank's receive buffers:
 
     batch sizes           M * 8
-    lookup ids, weights   M * B * K * (8 + 4)      all-gather
+    lookup ids, weights   M * B * K * (4 + 4)      all-gather (int32 ids, fp32 weights)
     output rows           B * d * 4                 all-to-all (forward)
     output gradients      B * d * 4                 all-to-all (backward)
     partial weight grads  M * B * K * 4             all-to-all (backward)
 
-so per token ``16 M K + 8 d`` bytes: the lookups grow with the group, the
+so per token ``12 M K + 8 d`` bytes: the lookups grow with the group, the
 rows do not. Each rank holds ``N * d / M`` of the table.
 """
 
@@ -43,7 +43,7 @@ class CommShape:
 def analytic_bytes(shape: CommShape, group_size: int) -> int:
     """Bytes one rank receives for one read, forward and backward (module docstring)."""
     M, B, K, d = group_size, shape.tokens, shape.heads * shape.knn, shape.dim
-    return M * 8 + M * B * K * 12 + B * d * 4 + B * d * 4 + M * B * K * 4
+    return M * 8 + M * B * K * 8 + B * d * 4 + B * d * 4 + M * B * K * 4
 
 
 def bench_comm(shape: CommShape, table_grad: str = "rows", repeat: int = 3) -> dict:

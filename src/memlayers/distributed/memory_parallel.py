@@ -43,7 +43,8 @@ class MemoryParallelRead(torch.autograd.Function):
         M = dist.get_world_size(group)
         B, K = indices.shape
         sizes = gather_sizes(B, group, indices.device)  # tokens of every rank of the group
-        all_ids = all_gather_rows(indices, sizes, group)  # (sum B, K)
+        # ids travel as int32 (shard_values checks the table has fewer than 2**31 rows): half the bytes of int64
+        all_ids = all_gather_rows(indices.to(torch.int32), sizes, group).long()  # (sum B, K)
         all_weights = all_gather_rows(weights.float(), sizes, group)  # (sum B, K)
         total = sum(sizes)
         cols = ops.bag(local_table, all_ids.reshape(-1), all_weights.reshape(-1), fixed_offsets(total, K, indices.device))
@@ -117,6 +118,8 @@ def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
         if pool.up is not None:
             raise ConfigError("model.memory.variant", "memory parallelism shards the plus and plain variants, not peer; "
                               "use parallel.memory_parallel=1 for PEER")
+        if pool.values.shape[0] >= 2**31:
+            raise ConfigError("model.memory.n_keys", f"a memory-parallel table needs fewer than 2**31 rows (ids travel as int32), got {pool.values.shape[0]}")
         if pool.values.shape[1] % M:
             raise ConfigError("parallel.memory_parallel", f"must divide the value width {pool.values.shape[1]}, got {M}")
         pool.values = nn.Parameter(distribute_tensor(pool.values.detach(), mesh, [Shard(1)]))

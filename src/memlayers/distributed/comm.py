@@ -75,13 +75,15 @@ def barrier() -> None:
 
 
 def sum_over(group: dist.ProcessGroup):
-    """A function summing a Python float over ``group`` (e.g. squared norms of column shards)."""
+    """A function summing over ``group`` what each rank holds of a column-sharded table:
+    a Python float (e.g. a squared norm; a float comes back) or a tensor (e.g. per-row
+    sums of squares; summed in place and returned)."""
 
-    def reduce(value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        with collective("all-reduce of a gradient norm"):
+    def reduce(value: float | torch.Tensor) -> float | torch.Tensor:
+        t = value if isinstance(value, torch.Tensor) else torch.tensor([value], dtype=torch.float64)
+        with collective("all-reduce over the shards of a value table"):
             dist.all_reduce(t, group=group)
-        return float(t)
+        return t if isinstance(value, torch.Tensor) else float(t)
 
     return reduce
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
+from memlayers.distributed.comm import sum_over
 from memlayers.kernels import row_update
 from memlayers.kernels.row_grad import RowGrad, row_grad_of
 
@@ -40,12 +40,7 @@ def _sum_over_shards(param: torch.Tensor):
     mesh = getattr(param, "device_mesh", None)
     if mesh is None or mesh.size() == 1:
         return None
-
-    def reduce(per_row: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(per_row, group=mesh.get_group())
-        return per_row
-
-    return reduce
+    return sum_over(mesh.get_group())
 
 
 def table_gradient(param: torch.Tensor) -> RowGrad | tuple[torch.Tensor, torch.Tensor] | None:

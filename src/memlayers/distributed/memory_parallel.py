@@ -146,7 +146,8 @@ def reduce_value_grads(tables: list[nn.Parameter], replicas: dist.ProcessGroup |
                 gathered = []
                 for ids, weights, grad_out in rows.parts:
                     sizes = gather_sizes(ids.shape[0], replicas, ids.device)
-                    gathered.append(tuple(all_gather_rows(t, sizes, replicas) for t in (ids, weights, grad_out)))
+                    all_ids = all_gather_rows(ids.to(torch.int32), sizes, replicas).long()  # int32 on the wire, as in a read
+                    gathered.append((all_ids, *(all_gather_rows(t, sizes, replicas) for t in (weights, grad_out))))
                 rows.replace_parts(gathered)
             rows.scale /= world_size
         elif table.grad is not None:

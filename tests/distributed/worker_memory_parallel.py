@@ -6,7 +6,7 @@ version on its own slice, and writes the largest differences to
 ``OUT/rank<r>.json``. The test reads them; nothing is asserted here, so a
 failure shows its numbers.
 
-    torchrun --nproc-per-node N worker_memory_parallel.py OUT MEMORY_PARALLEL TABLE_GRAD
+    torchrun --nproc-per-node N worker_memory_parallel.py OUT MEMORY_PARALLEL TABLE_GRAD VARIANT
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def table_grad_tensor(table: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
-def layer_check(rank: int, world: int, mesh, table_grad: str) -> dict:
+def layer_check(rank: int, world: int, mesh, table_grad: str, variant: str) -> dict:
     """One memory layer: outputs and every gradient against the single-process layer."""
     torch.manual_seed(0)
-    memory = MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, qk_norm=True)
+    memory = MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, qk_norm=True, variant=variant)
     reference = MemoryLayer(DIM, memory)
     layer = MemoryLayer(DIM, memory, table_grad=table_grad)
     layer.load_state_dict(reference.state_dict())
@@ -65,28 +65,29 @@ def layer_check(rank: int, world: int, mesh, table_grad: str) -> dict:
     out = layer(x[mine])
     (out * g[mine]).sum().backward()
     reduce_value_grads(tables, mesh["dp"].get_group(), world)
+    sharded = {id(t) for t in tables}
     for p in layer.parameters():  # the rest: sum the local gradients over all ranks
-        if p.grad is not None and p is not tables[0]:
+        if p.grad is not None and id(p) not in sharded:
             dist.all_reduce(p.grad)
     mp_rank, M = mesh["mp"].get_local_rank(), mesh["mp"].size()
-    cols = slice(mp_rank * DIM // M, (mp_rank + 1) * DIM // M)
     ref_params = dict(reference.named_parameters())
-    result = {
-        "out": max_diff(out, reference(x)[mine]),
-        "table_grad": max_diff(table_grad_tensor(tables[0]) * world, ref_params["pool.values"].grad[:, cols]),
-    }
+    result = {"out": max_diff(out, reference(x)[mine])}
+    for name, table in zip(("values", "up"), tables, strict=False):  # PEER shards its up table too
+        full = ref_params[f"pool.{name}"].grad
+        cols = slice(mp_rank * full.shape[1] // M, (mp_rank + 1) * full.shape[1] // M)
+        result["table_grad" if name == "values" else f"table_grad/{name}"] = max_diff(table_grad_tensor(table) * world, full[:, cols])
     for name, p in layer.named_parameters():
-        if p is not tables[0]:
+        if id(p) not in sharded:
             result[f"grad/{name}"] = max_diff(p.grad, ref_params[name].grad)
     return result
 
 
-def training_check(rank: int, world: int, config: ParallelConfig, value_optimizer: str) -> dict:
+def training_check(rank: int, world: int, config: ParallelConfig, value_optimizer: str, variant: str) -> dict:
     """A few steps of FSDP2 + memory parallelism against one process on the whole batch."""
     torch.manual_seed(1)
     model_config = ModelConfig(
         dim=DIM, n_layers=2, n_heads=2, vocab_size=40, multiple_of=16, max_seq_len=16, memory_layers=(1,),
-        memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, qk_norm=True),
+        memory=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, qk_norm=True, variant=variant),
     )
     optim = OptimConfig(lr=1e-2, value_lr=3e-2, value_optimizer=value_optimizer, weight_decay=0.0)
     reference = Transformer(model_config)
@@ -127,14 +128,14 @@ def training_check(rank: int, world: int, config: ParallelConfig, value_optimize
 
 
 def main() -> None:
-    out_dir, memory_parallel, table_grad = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    out_dir, memory_parallel, table_grad, variant = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     init_distributed(timeout_s=60)
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = ParallelConfig(memory_parallel=memory_parallel)
     mesh = build_mesh(config, torch.device("cpu"))
-    result = {"rank": rank, "world": world, "layer": layer_check(rank, world, mesh, table_grad)}
-    result["training"] = training_check(rank, world, config, "row_adamw" if table_grad == "rows" else "adamw")
+    result = {"rank": rank, "world": world, "layer": layer_check(rank, world, mesh, table_grad, variant)}
+    result["training"] = training_check(rank, world, config, "row_adamw" if table_grad == "rows" else "adamw", variant)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
     shutdown()
 

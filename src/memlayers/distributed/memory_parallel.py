@@ -14,6 +14,11 @@ its shard (for every token of the group) and partial weight gradients
 ``grad . V[slot]`` over its columns; a last all-to-all returns the partials,
 summed over the group. Key search, and everything else, stays local.
 
+PEER's expert input table ``up`` ``(N, dim)`` is sharded the same way; its
+dots (:class:`MemoryParallelDot`) send each rank the column slice of the
+group's inputs that it owns, and an all-to-all returns the partial dots,
+summed over the group.
+
 The gradient of a shard is the sum over the group's tokens of each token's
 local loss; :func:`reduce_value_grads` sums it over the data-parallel
 replicas of the shard and divides by the world size, so that it is the
@@ -75,6 +80,55 @@ class MemoryParallelRead(torch.autograd.Function):
         return None, grad_weights, grad_table, None, None, None, None
 
 
+class MemoryParallelDot(torch.autograd.Function):
+    """PEER's input projections over a column-sharded ``up`` table:
+    ``out[b, k] = up[ids[b, k]] . x[b]``, each rank dotting its columns."""
+
+    @staticmethod
+    def forward(ctx, indices, x, local_up, table_ref, group, ops, table_grad):  # noqa: D102 (autograd hook)
+        M = dist.get_world_size(group)
+        B, _ = indices.shape
+        sizes = gather_sizes(B, group, indices.device)
+        all_ids = all_gather_rows(indices.to(torch.int32), sizes, group).long()  # (sum B, K)
+        # column slice c of my tokens' inputs goes to rank c, which owns those columns of up
+        send = x.float().view(B, M, -1).transpose(0, 1).reshape(M * B, -1)  # (M * B, dim/M)
+        x_cols = all_to_all_rows(send, send=[B] * M, recv=sizes, group=group)  # (sum B, dim/M)
+        partial = ops.bag_dot(local_up, all_ids, x_cols)  # (sum B, K) over my columns
+        back = all_to_all_rows(partial, send=sizes, recv=[B] * M, group=group)  # (M * B, K)
+        ctx.save_for_backward(all_ids, x_cols, local_up)
+        ctx.sizes, ctx.group, ctx.ops, ctx.table_grad, ctx.table_ref = sizes, group, ops, table_grad, table_ref
+        ctx.x_dtype = x.dtype
+        return back.view(M, B, -1).sum(0)  # (B, K)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 (autograd hook)
+        all_ids, x_cols, local_up = ctx.saved_tensors
+        group, sizes, ops = ctx.group, ctx.sizes, ctx.ops
+        M, (B, K) = len(sizes), grad_out.shape
+        all_grad = all_gather_rows(grad_out.float().contiguous(), sizes, group)  # (sum B, K): every token's
+        grad_x = grad_up = None
+        if ctx.needs_input_grad[1]:  # dx[b, my cols] = sum_k grad[b, k] * up[ids[b, k], my cols]
+            offsets = fixed_offsets(sum(sizes), K, all_ids.device)
+            cols = ops.bag(local_up, all_ids.reshape(-1), all_grad.reshape(-1), offsets)  # (sum B, dim/M)
+            mine = all_to_all_rows(cols.float(), send=sizes, recv=[B] * M, group=group)  # (M * B, dim/M)
+            grad_x = mine.view(M, B, -1).transpose(0, 1).reshape(B, -1).to(ctx.x_dtype)  # (B, dim)
+        if ctx.needs_input_grad[2]:
+            grad_up = read_table_grad(
+                ctx.table_grad, ctx.table_ref[0], local_up.shape[0], all_ids, all_grad, x_cols, ops, local_up.dtype
+            )  # (N, dim/M) or None (rows)
+        return None, grad_x, grad_up, None, None, None, None
+
+
+def _local_ops(table: torch.Tensor, backend: str, table_grad: str, detach_rows: bool = True) -> tuple[torch.Tensor, type]:
+    """The local shard of a DTensor table and the kernels for it. With ``detach_rows``
+    a table whose gradient is kept as rows is passed detached: its gradient comes from
+    ``table_ref``, never through autograd."""
+    if not isinstance(table, DTensor):
+        raise TypeError("a memory-parallel read needs the table as a DTensor (see shard_values)")
+    local = table.to_local().detach() if table_grad == "rows" and detach_rows else table.to_local()  # (N, d/M)
+    return local, OPS.get(resolve_backend(backend, local, table_grad), TorchOps)
+
+
 class MemoryParallelReader:
     """Reads a ``Shard(1)`` DTensor table over its mesh's group; a drop-in for
     :func:`memlayers.kernels.embedding_bag` as a memory layer's ``value_reader``."""
@@ -91,12 +145,26 @@ class MemoryParallelReader:
         table_grad: str = "dense",
     ) -> torch.Tensor:
         """``(..., K)`` lookups into the sharded ``table`` -> ``(..., d)`` full-width rows."""
-        if not isinstance(table, DTensor):
-            raise TypeError("the memory-parallel read needs the value table as a DTensor (see shard_values)")
-        local = table.to_local() if table_grad == "dense" else table.to_local().detach()  # (N, d/M)
-        name = resolve_backend(backend, local, table_grad)
-        ops = OPS.get(name, TorchOps)
+        local, ops = _local_ops(table, backend, table_grad)
         return over_bags(MemoryParallelRead.apply, indices, weights, local, (table,), self.group, ops, table_grad)
+
+    def dot(
+        self,
+        indices: torch.Tensor,
+        table: torch.Tensor,
+        x: torch.Tensor,
+        backend: str = "auto",
+        table_grad: str = "dense",
+    ) -> torch.Tensor:
+        """``(..., K)`` lookups into the sharded PEER ``table`` dotted with ``x`` ``(..., dim)`` -> ``(..., K)``;
+        a drop-in for :func:`memlayers.kernels.embedding_dot` as a layer's ``dot_reader``."""
+        # attached even for row gradients: the dot's backward must run when x needs no gradient
+        local, ops = _local_ops(table, backend, table_grad, detach_rows=False)
+        lead, K = indices.shape[:-1], indices.shape[-1]
+        out = MemoryParallelDot.apply(
+            indices.reshape(-1, K), x.reshape(-1, x.shape[-1]), local, (table,), self.group, ops, table_grad
+        )  # (B, K)
+        return out.reshape(*lead, K)
 
 
 def value_pools(model: nn.Module) -> list[nn.Module]:
@@ -108,26 +176,29 @@ def value_pools(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Shard every value table of ``model`` along its columns over ``mesh`` (1-D, the
-    memory-parallel group) and make its memory layers read through it; returns the tables."""
+    """Shard every value table of ``model`` (and PEER's ``up`` tables) along its columns over
+    ``mesh`` (1-D, the memory-parallel group) and make its memory layers read through
+    them; returns the tables."""
     from memlayers.memory import MemoryLayer
 
     M = mesh.size()
     tables = []
     for pool in value_pools(model):
-        if pool.up is not None:
-            raise ConfigError("model.memory.variant", "memory parallelism shards the plus and plain variants, not peer; "
-                              "use parallel.memory_parallel=1 for PEER")
         if pool.values.shape[0] >= 2**31:
             raise ConfigError("model.memory.n_keys", f"a memory-parallel table needs fewer than 2**31 rows (ids travel as int32), got {pool.values.shape[0]}")
-        if pool.values.shape[1] % M:
-            raise ConfigError("parallel.memory_parallel", f"must divide the value width {pool.values.shape[1]}, got {M}")
-        pool.values = nn.Parameter(distribute_tensor(pool.values.detach(), mesh, [Shard(1)]))
-        tables.append(pool.values)
+        for name in ("values", "up"):  # PEER's pool has its input projections as a second table
+            table = getattr(pool, name)
+            if table is None:
+                continue
+            if table.shape[1] % M:
+                raise ConfigError("parallel.memory_parallel", f"must divide the width {table.shape[1]} of the {name} table, got {M}")
+            setattr(pool, name, nn.Parameter(distribute_tensor(table.detach(), mesh, [Shard(1)])))
+            tables.append(getattr(pool, name))
     reader = MemoryParallelReader(mesh.get_group())
     for layer in model.modules():
         if isinstance(layer, MemoryLayer):
             layer.value_reader = reader
+            layer.dot_reader = reader.dot
     return tables
 
 

@@ -60,6 +60,7 @@ class MemoryLayer(nn.Module):
         # how the value rows are read: ``embedding_bag``, or a memory-parallel read
         # that memlayers.distributed installs from outside (same signature)
         self.value_reader = embedding_bag
+        self.dot_reader = embedding_dot  # PEER's input projections, likewise replaceable
         self.search = ProductKeySearch(dim, config)
         if pool is None:
             self.pool = MemoryPool(dim, config)
@@ -122,7 +123,7 @@ class MemoryLayer(nn.Module):
         weights = weights.flatten(-2)  # (..., heads * knn)
         values = self.pool.values
         if self.config.variant == "peer":
-            activation = F.gelu(embedding_dot(indices, self.pool.up, x, self.bag_backend, self.table_grad))  # (..., heads * knn)
+            activation = F.gelu(self.dot_reader(indices, self.pool.up, x, self.bag_backend, self.table_grad))  # (..., heads * knn)
             out = self.value_reader(indices, weights * activation, values, self.bag_backend, self.table_grad)  # (..., dim)
         else:
             y = self.value_reader(indices, weights, values, self.bag_backend, self.table_grad)  # (..., value_dim)

@@ -40,6 +40,12 @@ from memlayers.kernels.embedding_bag import OPS, over_bags, resolve_backend
 from memlayers.kernels.row_grad import read_table_grad, row_grad_of
 
 
+def gather_ids(ids: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's lookup ids ``(sizes[r], K)`` in rank order, as int64; they travel as
+    int32 (half the bytes; :func:`shard_values` checks a table has fewer than 2**31 rows)."""
+    return all_gather_rows(ids.to(torch.int32), sizes, group).long()
+
+
 class MemoryParallelRead(torch.autograd.Function):
     """A fixed-size weighted bag over a column-sharded table (see the module docstring)."""
 
@@ -48,8 +54,7 @@ class MemoryParallelRead(torch.autograd.Function):
         M = dist.get_world_size(group)
         B, K = indices.shape
         sizes = gather_sizes(B, group, indices.device)  # tokens of every rank of the group
-        # ids travel as int32 (shard_values checks the table has fewer than 2**31 rows): half the bytes of int64
-        all_ids = all_gather_rows(indices.to(torch.int32), sizes, group).long()  # (sum B, K)
+        all_ids = gather_ids(indices, sizes, group)  # (sum B, K)
         all_weights = all_gather_rows(weights.float(), sizes, group)  # (sum B, K)
         total = sum(sizes)
         cols = ops.bag(local_table, all_ids.reshape(-1), all_weights.reshape(-1), fixed_offsets(total, K, indices.device))
@@ -89,7 +94,7 @@ class MemoryParallelDot(torch.autograd.Function):
         M = dist.get_world_size(group)
         B, _ = indices.shape
         sizes = gather_sizes(B, group, indices.device)
-        all_ids = all_gather_rows(indices.to(torch.int32), sizes, group).long()  # (sum B, K)
+        all_ids = gather_ids(indices, sizes, group)  # (sum B, K)
         # column slice c of my tokens' inputs goes to rank c, which owns those columns of up
         send = x.float().view(B, M, -1).transpose(0, 1).reshape(M * B, -1)  # (M * B, dim/M)
         x_cols = all_to_all_rows(send, send=[B] * M, recv=sizes, group=group)  # (sum B, dim/M)
@@ -217,7 +222,7 @@ def reduce_value_grads(tables: list[nn.Parameter], replicas: dist.ProcessGroup |
                 gathered = []
                 for ids, weights, grad_out in rows.parts:
                     sizes = gather_sizes(ids.shape[0], replicas, ids.device)
-                    all_ids = all_gather_rows(ids.to(torch.int32), sizes, replicas).long()  # int32 on the wire, as in a read
+                    all_ids = gather_ids(ids, sizes, replicas)
                     gathered.append((all_ids, *(all_gather_rows(t, sizes, replicas) for t in (weights, grad_out))))
                 rows.replace_parts(gathered)
             rows.scale /= world_size

@@ -31,6 +31,14 @@ class LMOutput(NamedTuple):
     aux_loss: torch.Tensor | None
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` ``(B, T, vocab)`` against aligned ``targets``
+    ``(B, T)`` (``-100`` = ignore), computed in float32 or better."""
+    flat = logits.flatten(0, 1)  # (B*T, vocab)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    return F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM: embeddings, blocks, final RMSNorm, output head."""
 
@@ -126,9 +134,7 @@ class Transformer(nn.Module):
         aux_loss = torch.stack(moe_losses).sum() if moe_losses else None
         loss = None
         if targets is not None:
-            flat = logits.flatten(0, 1)  # (B*T, vocab)
-            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+            loss = next_token_loss(logits, targets)
             if aux_loss is not None:
                 loss = loss + self.config.moe.aux_loss_weight * aux_loss
         return LMOutput(logits, loss, aux_loss)

@@ -26,7 +26,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
@@ -34,7 +33,7 @@ from memlayers.config import ConfigError
 from memlayers.integrations.hf.retrofit import Mode, add_memory, freeze_all_but_memory
 from memlayers.memory.layer import MemoryLayer
 from memlayers.model.attention import KVCache
-from memlayers.model.transformer import LMOutput
+from memlayers.model.transformer import LMOutput, next_token_loss
 from memlayers.train.checkpoint import CheckpointError
 from memlayers.train.config import RunConfig
 from memlayers.train.trainer import Trainer
@@ -69,10 +68,7 @@ class CausalLMAdapter(nn.Module):
         logits = self.lm(input_ids=tokens, past_key_values=past, use_cache=cache is not None).logits  # (B, T, V)
         if cache is not None:
             cache.length += tokens.shape[1]
-        loss = None
-        if targets is not None:
-            flat = logits.flatten(0, 1)  # (B*T, V)
-            loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.flatten(), ignore_index=-100)
+        loss = None if targets is None else next_token_loss(logits, targets)
         return LMOutput(logits, loss, None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -39,6 +40,13 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise ``ConfigError(key, message)`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def check_layers(layers: Sequence[int], key: str, n_layers: int) -> None:
+    """Raise ``ConfigError(key, ...)`` unless ``layers`` are distinct indices of a model of ``n_layers``."""
+    for index in layers:
+        check(0 <= index < n_layers, key, f"layer {index} is outside the model (valid: 0..{n_layers - 1})")
+    check(len(set(layers)) == len(layers), key, f"lists a layer twice: {list(layers)}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from memlayers.config import ConfigError, check
+from memlayers.config import ConfigError, check, check_layers
 from memlayers.memory.config import MemoryConfig
 
 FFNKind = Literal["dense", "memory", "moe", "peer"]
@@ -71,14 +71,7 @@ class ModelConfig:
         check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         for name in ("memory_layers", "moe_layers"):
-            layers = getattr(self, name)
-            for index in layers:
-                check(
-                    0 <= index < self.n_layers,
-                    name,
-                    f"layer {index} is outside the model (valid: 0..{self.n_layers - 1})",
-                )
-            check(len(set(layers)) == len(layers), name, f"lists a layer twice: {list(layers)}")
+            check_layers(getattr(self, name), name, self.n_layers)
         both = sorted(set(self.memory_layers) & set(self.moe_layers))
         if both:
             raise ConfigError("moe_layers", f"layers {both} are also memory layers; a block has one FFN")

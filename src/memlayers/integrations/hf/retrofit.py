@@ -30,7 +30,7 @@ from transformers.models.mistral import MistralConfig, MistralForCausalLM
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
-from memlayers.config import ConfigError, from_dict, to_dict
+from memlayers.config import ConfigError, check_layers, from_dict, to_dict
 from memlayers.memory.config import MemoryConfig
 from memlayers.memory.layer import MemoryLayer
 from memlayers.memory.pool import MemoryPool
@@ -146,14 +146,9 @@ def add_memory(
     if mode not in MODES:
         raise ConfigError("mode", f"must be one of {list(MODES)}, got {mode!r}")
     layers = [int(i) for i in layers]
-    n_layers = model.config.num_hidden_layers
     if not layers:
         raise ConfigError("layers", "name at least one decoder layer")
-    for index in layers:
-        if not 0 <= index < n_layers:
-            raise ConfigError("layers", f"layer {index} is outside the model (valid: 0..{n_layers - 1})")
-    if len(set(layers)) != len(layers):
-        raise ConfigError("layers", f"lists a layer twice: {layers}")
+    check_layers(layers, "layers", model.config.num_hidden_layers)
     spec = {"layers": layers, "mode": mode, "memory": to_dict(memory or MemoryConfig())}
     _install(model, spec)
     config_cls, model_cls = FAMILIES[model_type]

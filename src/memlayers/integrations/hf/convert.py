@@ -99,7 +99,7 @@ def import_from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{hf_dir} has no tokenizer.json; save the model's tokenizer into it first")
-    model = MemlayersForCausalLM.from_pretrained(hf_dir).model
+    model = MemlayersForCausalLM.from_pretrained(hf_dir, config=config).model
     run_dict = {**(config.memlayers_run or {}), "model": to_dict(model.config)}
     run_dict.setdefault("train", {})["out_dir"] = str(run_dir)
     try:

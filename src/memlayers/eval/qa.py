@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memlayers.data.text import qa_prompt
 from memlayers.eval.generate import generate, length_buckets
+from memlayers.eval.loglikelihood import score_continuations
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -95,23 +95,13 @@ def _answer_nll(
     last); sequences of equal length share a batch.
     """
     max_len = model.config.max_seq_len
-    device = next(model.parameters()).device
     sequences = [(p + a)[-(max_len + 1) :] for p, a in zip(prompts, answers, strict=True)]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
     for indices in length_buckets([len(s) for s in sequences], batch_size):
-        batch = [sequences[i] for i in indices]
-        tokens = torch.tensor(batch, dtype=torch.long, device=device)  # (B, T)
-        n_answer = torch.tensor([len(answers[i]) for i in indices], device=device)  # (B,)
-        span = int(n_answer.max())  # the last `span` targets hold every row's answer
-        logits = model(tokens[:, :-1]).logits[:, -span:]  # (B, span, V): position t predicts t+1
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        log_probs = F.log_softmax(logits, dim=-1)  # (B, span, V)
-        target_lp = log_probs.gather(-1, tokens[:, -span:, None]).squeeze(-1)  # (B, span)
-        position = torch.arange(span, device=device)  # (span,)
-        is_answer = position >= span - n_answer[:, None]  # (B, span): each row's last n targets
-        nll = -torch.where(is_answer, target_lp, 0.0).sum(dim=1)  # (B,)
-        for index, value, count in zip(indices, nll.tolist(), n_answer.tolist(), strict=True):
-            results[index] = (value, count)
+        counts = [len(answers[i]) for i in indices]
+        scores = score_continuations(model, [sequences[i] for i in indices], counts)
+        for index, (log_prob, _), count in zip(indices, scores, counts, strict=True):
+            results[index] = (-log_prob, count)
     return results
 
 

@@ -24,7 +24,6 @@ from typing import Any
 # or registering memlayers would hide "hf" and lm-eval's other models
 import lm_eval.models  # noqa: F401
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from memlayers.config import ConfigError
 from memlayers.eval.generate import generate, length_buckets
+from memlayers.eval.loglikelihood import score_continuations
 from memlayers.train.checkpoint import CheckpointError, resolve_checkpoint
 from memlayers.train.pretrained import load_pretrained
 from memlayers.train.trainer import TrainingError, pick_device
@@ -145,29 +145,6 @@ class MemlayersLM(TemplateLM):
 
     # -- log-likelihoods ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _score(self, sequences: list[list[int]], n_scored: list[int]) -> list[tuple[float, bool]]:
-        """Log-probability of the last ``n_scored[i]`` tokens of each sequence given the tokens
-        before them, and whether each of those tokens is the argmax, in one right-padded batch."""
-        width = max(len(s) for s in sequences) - 1
-        pad = self.tokenizer.pad_id or 0
-        tokens = torch.full((len(sequences), width + 1), pad, dtype=torch.long)  # (B, T + 1)
-        for row, sequence in enumerate(sequences):
-            tokens[row, : len(sequence)] = torch.tensor(sequence)
-        tokens = tokens.to(self._device)
-        logits = self.model(tokens[:, :-1]).logits  # (B, T, V): position t predicts t + 1
-        log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (B, T, V)
-        targets = tokens[:, 1:]  # (B, T)
-        target_lp = log_probs.gather(-1, targets[..., None]).squeeze(-1).double()  # (B, T)
-        is_argmax = log_probs.argmax(dim=-1) == targets  # (B, T)
-        ends = torch.tensor([len(s) - 1 for s in sequences], device=self._device)  # (B,) inputs per row
-        starts = ends - torch.tensor(n_scored, device=self._device)  # (B,)
-        position = torch.arange(width, device=self._device)  # (T,)
-        scored = (position >= starts[:, None]) & (position < ends[:, None])  # (B, T)
-        sums = torch.where(scored, target_lp, 0.0).sum(dim=1)  # (B,)
-        greedy = (is_argmax | ~scored).all(dim=1)  # (B,)
-        return list(zip(sums.tolist(), greedy.tolist(), strict=True))
-
     def _loglikelihood_tokens(
         self, requests: list[TokenRequest], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
@@ -194,7 +171,9 @@ class MemlayersLM(TemplateLM):
             bar.update(len(requests) - len(todo))
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                scores = self._score([sequences[i] for i in chunk], [n_scored[i] for i in chunk])
+                scores = score_continuations(
+                    self.model, [sequences[i] for i in chunk], [n_scored[i] for i in chunk], self.tokenizer.pad_id or 0
+                )
                 for index, score in zip(chunk, scores, strict=True):
                     results[index] = score
                     if requests[index][0] is not None:

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from memlayers.distributed.checkpoint import export_checkpoint, shard_checkpoint
 from memlayers.train.checkpoint import CheckpointError, load_checkpoint
 from memlayers.train.metrics import read_metrics
+from memlayers.train.sharded_checkpoint import export_checkpoint, shard_checkpoint
 from memlayers.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import memlayers.train.checkpoint as checkpoint_module
 from memlayers.memory.config import MemoryConfig
 from memlayers.model import ModelConfig, Transformer
-from memlayers.train import OptimConfig, build_optimizer, clip_gradients
+from memlayers.train import OptimConfig, build_optimizer, checkpoint_write, clip_gradients
 from memlayers.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -183,7 +183,7 @@ class DiskFull(OSError):
 def fail_on_call(monkeypatch, target: str, fail_at: int) -> None:
     """Make ``checkpoint_module.<target>`` (save_file, or os.replace) raise on its ``fail_at``-th call."""
     if target == "replace":
-        owner, name = checkpoint_module.os, "replace"
+        owner, name = checkpoint_write.os, "replace"
     else:
         owner, name = checkpoint_module, target
     real = getattr(owner, name)

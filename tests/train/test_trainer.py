@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from memlayers.config import ConfigError
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator
 from memlayers.data.text import DataError
 from memlayers.model.accounting import count_flops, count_parameters
@@ -154,12 +156,25 @@ def test_resume_without_checkpoint_is_a_checkpoint_error(make_config):
         Trainer(config, resume=True)
 
 
-def test_resume_into_another_model_is_a_checkpoint_error(make_config):
+def test_resume_with_another_model_is_refused_with_the_differing_keys(make_config):
     config = make_config("train.steps=2")
     Trainer(config).fit(progress=False)
-    other = make_config("train.steps=4", "model.memory_layers=[]")  # same out_dir, no memory layer
-    with pytest.raises(CheckpointError, match="does not fit") as info:
+    other = make_config("train.steps=4", "model.memory_layers=[]", "model.dim=48")  # same out_dir
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000002") as info:
         Trainer(other, resume=True)
+    message = str(info.value)
+    assert "model.memory_layers (checkpoint [1], now [])" in message
+    assert "model.dim (checkpoint 32, now 48)" in message
+    assert "train.steps" not in message  # a key that may change
+    assert len(message.splitlines()) == 1
+
+
+def test_loading_into_another_model_is_a_checkpoint_error(make_config):
+    trainer = Trainer(make_config("train.steps=2"))
+    checkpoint = trainer.fit(progress=False)["checkpoint"]
+    other = Transformer(dataclasses.replace(trainer.config.model, memory_layers=()))
+    with pytest.raises(CheckpointError, match="does not fit") as info:
+        load_checkpoint(checkpoint, other)
     message = str(info.value)
     # names (the first few of) the keys on each side
     assert "missing: layers.1.ffn.w3.weight" in message

@@ -8,18 +8,17 @@ A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding
                            and scalar state, RNG states, data position, metrics
     tokenizer.json         (when the run has one) so the checkpoint stands alone
 
-It is first written to a hidden temporary directory beside the final one and
-then renamed into place, so a crash mid-write leaves the previous checkpoint
-as it was and no half-written ``step_<N>``. Nothing is pickled.
+It is written through :mod:`memlayers.train.checkpoint_write` (staging
+directory, fsync, atomic rename, then pruning), so a crash mid-write leaves
+the previous checkpoints as they were and no half-written ``step_<N>``.
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memlayers.train import checkpoint_write
+from memlayers.train.checkpoint_write import list_checkpoints
+
 FORMAT = "memlayers-checkpoint"
 VERSION = 1
-STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -157,57 +158,23 @@ def save_checkpoint(
     tokenizer_path: str | Path | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_<step>`` atomically; prune to ``keep_last``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Write ``run_dir/checkpoints/step_<step>`` atomically (:mod:`.checkpoint_write`); prune to ``keep_last``."""
+    staging = checkpoint_write.begin(run_dir, step)
     model_tensors, aliases = _unique_tensors(model.state_dict())
-    save_file(model_tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
+    save_file(model_tensors, staging / "model.safetensors", metadata={"format": FORMAT})
+    checkpoint_write.written(staging, "model.safetensors", step)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "tied": aliases, **state}
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = optimizer_state(model, optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": FORMAT})
+        save_file(opt_tensors, staging / "optimizer.safetensors", metadata={"format": FORMAT})
+        checkpoint_write.written(staging, "optimizer.safetensors", step)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # re-writing a step: move the old copy aside, put it back if the swap fails
-        old = _set_aside(final)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    if keep_last is not None:
-        for stale in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(_set_aside(stale), ignore_errors=True)
-    return final
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename a checkpoint directory to a hidden name (atomic), so that a crash
-    while deleting it never leaves a half-deleted ``step_<N>`` that looks complete."""
-    hidden = path.with_name(f".old_{path.name}_{os.getpid()}")
-    shutil.rmtree(hidden, ignore_errors=True)
-    os.replace(path, hidden)
-    return hidden
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        checkpoint_write.written(staging, "tokenizer.json", step)
+    meta["files"] = checkpoint_write.manifest(staging)
+    (staging / "state.json").write_text(json.dumps(meta, indent=2))
+    checkpoint_write.written(staging, "state.json", step)
+    return checkpoint_write.commit(staging, step, keep_last)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -227,7 +194,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({error}); use an earlier checkpoint") from None
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({first}); {earlier_advice(path)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a memlayers checkpoint (state.json has no format tag {FORMAT!r})")
     if state.get("version") != VERSION:
@@ -235,13 +203,29 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def earlier_advice(path: Path) -> str:
+    """What to do when checkpoint ``path`` cannot be used: name the complete one before it."""
+    earlier = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    if earlier:
+        return f"resume from the one before it with --resume-from {earlier[-1]}"
+    return "no earlier checkpoint of this run exists; start a new run"
+
+
+def check_files(path: Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose files differ from what was written (missing, truncated, corrupt)."""
+    problem = checkpoint_write.verify(path, state.get("files", {}))
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}; {earlier_advice(path)}")
+
+
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
-        raise CheckpointError(f"checkpoint file {file} is missing; use an earlier checkpoint")
+        raise CheckpointError(f"checkpoint file {file} is missing; {earlier_advice(file.parent)}")
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint file {file} is corrupt ({str(error).splitlines()[0]}); use an earlier checkpoint") from None
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint file {file} is corrupt ({first}); {earlier_advice(file.parent)}") from None
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
@@ -253,6 +237,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
             f"{path} is a sharded checkpoint (written by a torchrun run): resume it under torchrun, "
             f"or write a single-process copy with `memlayers consolidate {path} --out DIR`"
         )
+    check_files(path, state)
     tensors = _load_tensors(path / "model.safetensors")
     for alias, kept in state.get("tied", {}).items():
         if kept in tensors:

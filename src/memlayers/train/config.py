@@ -67,9 +67,9 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between evaluations; 0 evaluates only at the end."""
     eval_qa: int = 500
-    """QA pairs used by periodic evaluation (0: all)."""
+    """QA pairs (the file's first ones) of every evaluation, periodic and final (0: all)."""
     eval_batches: int = 20
-    """Held-out batches used for perplexity (0: all)."""
+    """Held-out batches of every evaluation, periodic and final (0: all)."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 2

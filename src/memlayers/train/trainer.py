@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ from memlayers.distributed import (
     sum_over,
     sync_value_grads,
 )
-from memlayers.distributed.checkpoint import load_sharded, save_sharded
+from memlayers.distributed.comm import collective
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
+from memlayers.faults import fault_point
 from memlayers.memory.layer import MemoryLayer
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
@@ -57,9 +59,18 @@ from memlayers.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from memlayers.train.checkpoint_write import recover
 from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
 from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor, uses_row_grads
+from memlayers.train.run_dir import (
+    check_fresh,
+    check_resume,
+    file_fingerprint,
+    move_aside,
+    set_aside_newer,
+)
+from memlayers.train.sharded_checkpoint import load_sharded, save_sharded
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 """The block index in a module name such as ``layers.3.ffn`` or ``model.layers.3.mlp.memory``."""
@@ -67,18 +78,6 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to do."""
-
-
-@dataclass
-class PreparedData:
-    """Tokenised, packed data of a run."""
-
-    tokenizer: Tokenizer
-    tokenizer_path: Path
-    train_docs: list[list[int]]
-    """Tokenised training documents (packed afresh every epoch)."""
-    heldout_rows: torch.Tensor | None
-    qa_pairs: list[dict]
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,12 +90,27 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare_data(config: RunConfig, run_dir: Path, write: bool = True) -> PreparedData:
+@dataclass
+class PreparedData:
+    """Tokenised, packed data of a run."""
+
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    train_docs: list[list[int]]
+    """Tokenised training documents (packed afresh every epoch)."""
+    heldout_rows: torch.Tensor | None
+    qa_pairs: list[dict]
+    files: dict[str, Path | None]
+    """The files read: train, heldout, qa and tokenizer (what a resume fingerprints)."""
+
+
+def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer_file: Path | None = None) -> PreparedData:
     """Read (or generate) the run's text, train or load its tokenizer, pack sequences.
 
-    A tokenizer already saved in ``run_dir`` is reused, so a resumed run
-    tokenises exactly as before. With ``write=False`` nothing is written: the
-    fact world and tokenizer another rank prepared in ``run_dir`` are read.
+    With ``write=False`` nothing is written: the fact world and tokenizer already
+    in ``run_dir`` are read (another rank prepared them, or the run resumes).
+    ``tokenizer_file`` (a resumed checkpoint's) is used in place of any other and
+    copied into ``run_dir``.
     """
     data = config.data
     heldout_path, qa_path = data.heldout, data.qa
@@ -111,13 +125,15 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True) -> Prepar
         train_path = data.train
     documents = read_documents(train_path, field=data.text_field)
     tokenizer_path = run_dir / "tokenizer.json"
-    if tokenizer_path.is_file():
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.load(tokenizer_file)
+    elif not write:
         tokenizer = Tokenizer.load(tokenizer_path)
     elif data.tokenizer is not None:
         tokenizer = Tokenizer.load(data.tokenizer)
     else:
         tokenizer = Tokenizer.train(documents, data.vocab_size)
-    if write:
+    if write or (tokenizer_file is not None and file_fingerprint(tokenizer_file) != _fingerprint_or_none(tokenizer_path)):
         tokenizer.save(tokenizer_path)
 
     def pack(docs: list[str]) -> torch.Tensor:
@@ -125,7 +141,13 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True) -> Prepar
 
     heldout_rows = pack(read_documents(heldout_path, field=data.text_field)) if heldout_path else None
     qa_pairs = read_qa(qa_path) if qa_path else []
-    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_pairs)
+    files = {"train": Path(train_path), "heldout": heldout_path and Path(heldout_path), "qa": qa_path and Path(qa_path),
+             "tokenizer": tokenizer_path}
+    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_pairs, files)
+
+
+def _fingerprint_or_none(path: Path) -> str | None:
+    return file_fingerprint(path) if path.is_file() else None
 
 
 class Trainer:
@@ -139,9 +161,10 @@ class Trainer:
     Its frozen parameters stay as they are. Such a run is one process.
     """
 
-    def __init__(self, config: RunConfig, resume: bool | str | Path = False, model: nn.Module | None = None):
+    def __init__(
+        self, config: RunConfig, resume: bool | str | Path = False, model: nn.Module | None = None, overwrite: bool = False
+    ):
         self.run_dir = Path(config.train.out_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         tcfg = config.train
         if tcfg.threads is not None:
             torch.set_num_threads(tcfg.threads)
@@ -155,8 +178,31 @@ class Trainer:
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
             self.device = pick_device(tcfg.device)
+        # every rank checks the directory before any rank writes to it, so all refuse alike
+        resume_from, saved = None, {}
+        if resume:
+            resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
+            saved = read_state(resume_from)
+            if self.world > 1 and not saved.get("sharded"):
+                raise TrainingError(
+                    f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: "
+                    f"write one with `memlayers shard {resume_from} --out {self.run_dir}`"
+                )
+        elif not overwrite:
+            check_fresh(self.run_dir)
+        if self.world > 1:
+            barrier()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite and not resume:
+                self._say(move_aside(self.run_dir))
+            for line in recover(self.run_dir):
+                self._say(line)
+        tokenizer_file = None
+        if resume_from is not None and (resume_from / "tokenizer.json").is_file():
+            tokenizer_file = resume_from / "tokenizer.json"
         if self.rank == 0:  # one rank writes the world and the tokenizer, the others read them
-            self.data = prepare_data(config, self.run_dir)
+            self.data = prepare_data(config, self.run_dir, write=resume_from is None, tokenizer_file=tokenizer_file)
         if self.world > 1:
             barrier()
         if self.rank > 0:
@@ -168,6 +214,15 @@ class Trainer:
             config = dataclasses.replace(config, model=model_config)
             model = Transformer(model_config)
         self.config = config
+        self.fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
+        if resume_from is not None:
+            now = dict(self.fingerprints)
+            now["tokenizer"] = file_fingerprint(config.data.tokenizer) if config.data.tokenizer else saved.get(
+                "fingerprints", {}).get("tokenizer")
+            check_resume(resume_from, saved, to_dict(config), now, self.world)
+            self.fingerprints["tokenizer"] = now["tokenizer"]
+        elif config.data.tokenizer is not None:
+            self.fingerprints["tokenizer"] = file_fingerprint(config.data.tokenizer)
         self.model = model.to(self.device)
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
@@ -189,8 +244,12 @@ class Trainer:
             self.batches = BatchIterator(rows, global_batch, tcfg.seed)
         self.step = 0
         self.tokens_seen = 0
-        if resume:
-            checkpoint = self.load(self.run_dir if resume is True else resume)
+        if resume_from is not None:
+            checkpoint = self.load(resume_from)
+            self._say(f"resuming from step {checkpoint.step} ({checkpoint.path})")
+            if self.rank == 0:
+                for moved in set_aside_newer(self.run_dir, checkpoint.step):
+                    self._say(f"moved {moved.name}, newer than the checkpoint resumed from, aside to {moved.parent}")
             self.step = checkpoint.step
             self.tokens_seen = checkpoint.state.get("tokens_seen", 0)
             self.batches.load_state_dict(checkpoint.state["data"])
@@ -201,6 +260,11 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.rank == 0)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+
+    def _say(self, line: str | None) -> None:
+        """A status line on stderr (rank 0 only), between progress bar updates."""
+        if line and self.rank == 0:
+            tqdm.write(f"memlayers: {line}", file=sys.stderr)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on GPU when precision allows, nothing otherwise."""
@@ -224,6 +288,8 @@ class Trainer:
         factor = self.set_learning_rates()
         total = torch.zeros((), device=self.device)
         mine = slice(self.rank * tcfg.batch_size, (self.rank + 1) * tcfg.batch_size)
+        step = self.step + 1
+        fault_point("step.start", step)
         for _ in range(tcfg.grad_accum):
             inputs, targets = next(self.batches)
             self.tokens_seen += inputs.numel()
@@ -232,23 +298,28 @@ class Trainer:
                 loss = self.model(inputs, targets).loss / tcfg.grad_accum
             loss.backward()
             total += loss.detach()
+        fault_point("step.backward", step)
         if self.world > 1:
             sync_value_grads(self.model)
-            dist.all_reduce(total)  # every rank decides on the same mean loss
+            with collective("the loss all-reduce"):
+                dist.all_reduce(total)  # every rank decides on the same mean loss
             total /= self.world
+        if fault_point("step.loss", step) == "nan":
+            total = total * float("nan")
         loss_value = float(total)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             last = list_checkpoints(self.run_dir)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             raise TrainingError(
-                f"loss is {loss_value} at step {self.step + 1}; stopped without saving ({where}). "
+                f"loss is {loss_value} at step {step}; stopped without saving ({where}). "
                 "Lower optim.lr / optim.value_lr or check the data, then resume with --resume."
             )
         norms = clip_gradients(self.optimizer, self.config.optim, self.value_norm_reduce)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        fault_point("step.optimizer", step)
+        self.step = step
         return {"loss": loss_value, "lr": factor * self.config.optim.lr, **norms}
 
     def usage_stats(self) -> dict[str, float]:
@@ -263,19 +334,19 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def evaluate(self, full: bool = False) -> dict[str, float]:
-        """Held-out perplexity and factual QA (subsets unless ``full``)."""
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity (``train.eval_batches``) and factual QA (the first ``train.eval_qa`` pairs)."""
         tcfg = self.config.train
         results: dict[str, float] = {}
         with self.autocast():
             if self.data.heldout_rows is not None:
                 rows = self.data.heldout_rows
-                if not full and tcfg.eval_batches:
+                if tcfg.eval_batches:
                     rows = rows[: tcfg.eval_batches * tcfg.batch_size]
                 ppl = evaluate_perplexity(self.model, rows.to(self.device), batch_size=tcfg.batch_size)
                 results.update({"heldout_loss": ppl["loss"], "heldout_ppl": ppl["perplexity"]})
             if self.data.qa_pairs:
-                pairs = self.data.qa_pairs if full or not tcfg.eval_qa else self.data.qa_pairs[: tcfg.eval_qa]
+                pairs = self.data.qa_pairs[: tcfg.eval_qa or None]
                 qa = evaluate_qa(self.model, self.data.tokenizer, pairs, batch_size=4 * tcfg.batch_size)
                 results.update({"qa_em": qa.exact_match, "answer_nll": qa.answer_nll})
         return results
@@ -287,6 +358,7 @@ class Trainer:
             "rng": rng_state(),
             "data": self.batches.state_dict(),
             "tokens_seen": self.tokens_seen,
+            "fingerprints": self.fingerprints,
         }
         if self.world == 1:
             return save_checkpoint(
@@ -307,11 +379,6 @@ class Trainer:
         path = resolve_checkpoint(path)
         state = read_state(path)
         if not state.get("sharded"):
-            if self.world > 1:
-                raise TrainingError(
-                    f"{path} is a single-process checkpoint; a distributed run resumes from sharded ones: "
-                    f"write one with `memlayers shard {path} --out {self.run_dir}`"
-                )
             return load_checkpoint(path, self.model, self.optimizer)
         load_sharded(path, self.model, self.optimizer, no_dist=self.world == 1)
         return Checkpoint(path=path, step=int(state["step"]), state=state)
@@ -342,13 +409,14 @@ class Trainer:
                     self.logger.log(self.step, self.evaluate())
                 if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.steps:
                     self.save()
+                fault_point("step.end", self.step)
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        final = self.evaluate(full=True)
+        checkpoint = self.save()  # before the final evaluation: nothing trained is lost if it fails
+        final = self.evaluate()
         self.logger.log(self.step, final)
         self.logger.close()
-        checkpoint = self.save()
         summary = {
             **final,
             "step": self.step,

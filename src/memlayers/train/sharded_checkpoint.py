@@ -3,7 +3,8 @@
 and a JSON index, no pickle), and any number of ranks reads them back.
 
 A sharded checkpoint is a ``step_<N>/`` directory like a single-process one
-(:mod:`memlayers.train.checkpoint`): ``state.json`` (config, step, data
+(:mod:`memlayers.train.checkpoint`), written through the same
+:mod:`memlayers.train.checkpoint_write`: ``state.json`` (config, step, data
 position, RNG, optimizer hyperparameters and scalar state; ``"sharded": true``),
 ``tokenizer.json``, and ``shards/`` with the tensors: ``model.<name>`` for
 parameters and ``optim.<name>.<state>`` for optimizer state. Tensors are saved
@@ -16,7 +17,6 @@ single-process format.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
 from memlayers.distributed.comm import barrier
+from memlayers.train import checkpoint_write
 from memlayers.train.checkpoint import (
     FORMAT,
     VERSION,
     CheckpointError,
-    list_checkpoints,
+    check_files,
+    earlier_advice,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
     restore_optimizer_state,
+    save_checkpoint,
     split_optimizer_state,
 )
 
@@ -104,31 +111,29 @@ def save_sharded(
     run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
     tokenizer_path: str | Path | None = None, keep_last: int | None = None,
 ) -> Path:
-    """Every rank writes its shards of ``step_<step>``; rank 0 adds the JSON and renames it into place."""
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    """Every rank writes its shards of ``step_<step>``; rank 0 adds the JSON and commits it
+    (:mod:`.checkpoint_write`: fsync, atomic rename, then pruning)."""
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        checkpoint_write.begin(run_dir, step)
     barrier()
+    staging = checkpoint_write.staging_dir(run_dir, step)
     tensors, meta, _ = _flat_state(model, optimizer)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDS), save_distributed=True))
+    checkpoint_write.written(staging, SHARDS, step)
     barrier()
     if rank == 0:
         info = {"format": FORMAT, "version": VERSION, "sharded": True, "world_size": dist.get_world_size(),
                 "step": step, "optimizer": meta, **state}
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        (tmp / "state.json").write_text(json.dumps(info, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last is not None:
-            for stale in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+            checkpoint_write.written(staging, "tokenizer.json", step)
+        info["files"] = checkpoint_write.manifest(staging)
+        (staging / "state.json").write_text(json.dumps(info, indent=2))
+        checkpoint_write.written(staging, "state.json", step)
+        checkpoint_write.commit(staging, step, keep_last)
     barrier()
-    return final
+    return checkpoint_write.step_dir(run_dir, step)
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bool = False) -> None:
@@ -136,17 +141,22 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
 
     ``no_dist``: in one process without a process group (plain tensors).
     """
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    path = resolve_checkpoint(path)
+    state = read_state(path)
     if not state.get("sharded"):
         raise CheckpointError(f"{path} is a single-process checkpoint; load it with memlayers.train.checkpoint")
+    check_files(path, state)
     if optimizer is not None:
         init_optimizer_state(optimizer)
     tensors, _, copy_back = _flat_state(model, optimizer)
     try:
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
-    except (RuntimeError, KeyError, FileNotFoundError) as error:
-        raise CheckpointError(f"sharded checkpoint {path} could not be read ({str(error).splitlines()[0]}); use an earlier checkpoint") from None
+    except ValueError as error:  # DCP's size check: the checkpoint's tensors have other shapes
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); check the config") from None
+    except (RuntimeError, KeyError, OSError, CheckpointException) as error:  # CheckpointException is a BaseException
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"sharded checkpoint {path} could not be read ({first}); {earlier_advice(path)}") from None
     for saved, live in copy_back:
         live.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
     if optimizer is not None:
@@ -176,8 +186,6 @@ def _run_state(state: dict[str, Any]) -> dict[str, Any]:
 def export_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
     """Write a sharded checkpoint as a single-process one (weights and optimizer state, safetensors)
     in ``run_dir/checkpoints/``; one process, no process group needed."""
-    from memlayers.train.checkpoint import read_state, resolve_checkpoint, save_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     state = read_state(path)
     if not state.get("sharded"):
@@ -192,8 +200,6 @@ def export_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
 def shard_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
     """Write a single-process checkpoint as a sharded one in ``run_dir/checkpoints/``, so that a
     torchrun job (any number of ranks) resumes from it; runs in one process."""
-    from memlayers.train.checkpoint import load_checkpoint, read_state, resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     state = read_state(path)
     if state.get("sharded"):

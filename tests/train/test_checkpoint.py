@@ -290,11 +290,15 @@ def test_checkpoints_sort_by_step_number(tmp_path):
 def test_resolve_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         resolve_checkpoint(tmp_path)
-    (tmp_path / "checkpoints" / "step_00000009").mkdir(parents=True)  # no state.json: incomplete
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
+    damaged = tmp_path / "checkpoints" / "step_00000009"
+    damaged.mkdir(parents=True)  # a commit never leaves a step without state.json: it was damaged since
+    with pytest.raises(CheckpointError, match="step_00000009 is damaged: its state.json is missing; no earlier"):
         resolve_checkpoint(tmp_path)
     model, _ = trained()
     path = save_checkpoint(tmp_path, 4, model, None, {})
+    with pytest.raises(CheckpointError, match=r"step_00000009 is damaged.*--resume-from .*step_00000004"):
+        resolve_checkpoint(tmp_path)
+    damaged.rmdir()
     assert resolve_checkpoint(tmp_path) == path
     assert resolve_checkpoint(path) == path
 
@@ -356,10 +360,18 @@ def test_state_json_format_and_version_are_checked(tmp_path, edit, match):
     model, optimizer = trained()
     path = save_checkpoint(tmp_path, 2, model, optimizer, {})
     state = json.loads((path / "state.json").read_text())
-    (path / "state.json").write_text(json.dumps(edit(state)))
+    (path / "state.json").write_text(json.dumps(edit(state)))  # the checksum does not hide what is wrong
     with pytest.raises(CheckpointError, match=match) as info:
         load_checkpoint(path, *new_model(model_config()))
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_a_changed_state_json_is_refused_by_its_checksum(tmp_path):
+    model, optimizer = trained()
+    path = save_checkpoint(tmp_path, 2, model, optimizer, {"tokens_seen": 100})
+    (path / "state.json").write_text((path / "state.json").read_text().replace('"tokens_seen": 100', '"tokens_seen": 900'))
+    with pytest.raises(CheckpointError, match=r"state.json is corrupt \(its checksum differs\); no earlier checkpoint"):
+        load_checkpoint(path, *new_model(model_config()))
 
 
 def test_unreadable_state_json_is_a_checkpoint_error(tmp_path):
@@ -422,6 +434,7 @@ def test_load_pretrained_rejects_a_broken_config(make_config):
     path = Path(Trainer(config).fit(progress=False)["checkpoint"])
     state = json.loads((path / "state.json").read_text())
     state["config"]["model"]["dim"] = -4
+    del state["checksum"]  # as a checkpoint of an older memlayers (or edited by hand) would be
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="invalid config") as info:
         load_pretrained(path)

@@ -172,8 +172,7 @@ def save_checkpoint(
         shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
         checkpoint_write.written(staging, "tokenizer.json", step)
     meta["files"] = checkpoint_write.manifest(staging)
-    (staging / "state.json").write_text(json.dumps(meta, indent=2))
-    checkpoint_write.written(staging, "state.json", step)
+    checkpoint_write.write_state(staging, meta, step)
     return checkpoint_write.commit(staging, step, keep_last)
 
 
@@ -182,7 +181,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "state.json").is_file():
         return path
+    if checkpoint_write.STEP_DIR.match(path.name) and path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is damaged: its state.json is missing; {earlier_advice(path)}")
     found = list_checkpoints(path)
+    damaged = checkpoint_write.damaged_checkpoints(path)
+    if damaged and (not found or damaged[-1].name > found[-1].name):
+        raise CheckpointError(f"checkpoint {damaged[-1]} is damaged: its state.json is missing; {earlier_advice(damaged[-1])}")
     if found:
         return found[-1]
     raise CheckpointError(f"no checkpoint at {path}: expected a step_<N> directory with state.json, or a run directory containing checkpoints/")
@@ -193,13 +197,15 @@ def read_state(path: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(path)
     try:
         state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
         first = str(error).splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({first}); {earlier_advice(path)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a memlayers checkpoint (state.json has no format tag {FORMAT!r})")
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}; this memlayers reads version {VERSION}")
+    if not checkpoint_write.state_intact(state):
+        raise CheckpointError(f"checkpoint {path}: state.json is corrupt (its checksum differs); {earlier_advice(path)}")
     return state
 
 

@@ -22,10 +22,12 @@ when a run starts.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from memlayers.faults import fault_point
 
@@ -57,6 +59,16 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
     return _hidden(step_dir(run_dir, step), STAGING)
 
 
+def damaged_checkpoints(run_dir: str | Path) -> list[Path]:
+    """``step_<N>`` directories without ``state.json``, oldest first: a commit never leaves
+    one, so something removed it after the checkpoint was written."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and not (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
 def begin(run_dir: str | Path, step: int) -> Path:
     """An empty staging directory for checkpoint ``step`` (a leftover one is removed first)."""
     staging = staging_dir(run_dir, step)
@@ -80,6 +92,21 @@ def manifest(staging: Path) -> dict[str, list]:
         for path in sorted(staging.rglob("*"))
         if path.is_file()
     }
+
+
+def write_state(staging: Path, state: dict[str, Any], step: int) -> None:
+    """Write ``state.json`` with a checksum of its own contents, so that a damaged one is refused."""
+    body = json.dumps(state, sort_keys=True)
+    state = {**state, "checksum": hashlib.sha256(body.encode()).hexdigest()}
+    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    written(staging, "state.json", step)
+
+
+def state_intact(state: dict[str, Any]) -> bool:
+    """Whether ``state.json``'s contents match the checksum written with them (True without one)."""
+    state = dict(state)
+    checksum = state.pop("checksum", None)
+    return checksum is None or hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest() == checksum
 
 
 def verify(path: Path, files: dict[str, list]) -> str | None:

@@ -16,7 +16,6 @@ single-process format.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -129,8 +128,7 @@ def save_sharded(
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
             checkpoint_write.written(staging, "tokenizer.json", step)
         info["files"] = checkpoint_write.manifest(staging)
-        (staging / "state.json").write_text(json.dumps(info, indent=2))
-        checkpoint_write.written(staging, "state.json", step)
+        checkpoint_write.write_state(staging, info, step)
         checkpoint_write.commit(staging, step, keep_last)
     barrier()
     return checkpoint_write.step_dir(run_dir, step)

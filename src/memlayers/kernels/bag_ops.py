@@ -21,6 +21,44 @@ import torch.nn.functional as F
 
 from memlayers.kernels import cpu
 
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_ids(ids: torch.Tensor, n_rows: int, what: str, name: str = "ids") -> None:
+    """Refuse lookup ids that are not int64/int32 (ValueError) or not in ``[0, n_rows)`` (IndexError).
+
+    Every kernel reads rows by address, so a bad id would read or write out of
+    bounds. On the CPU the range check is one min/max pass (well under 1% of a
+    bag's time). On CUDA reading the min and max back would cost a host sync on
+    every call, so the check is a device-side assertion (``torch._assert_async``):
+    a bad id stops the next synchronising CUDA call with this message.
+    """
+    if ids.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{what}: {name} must be int64 or int32, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    expected = f"{what}: {name} must lie in [0, {n_rows}) (the table has {n_rows} rows)"
+    if ids.device.type == "cuda":
+        torch._assert_async(((ids >= 0) & (ids < n_rows)).all(), expected)
+        return
+    lo, hi = (int(v) for v in ids.aminmax())
+    if lo < 0 or hi >= n_rows:
+        raise IndexError(f"{expected}, got ids in [{lo}, {hi}]")
+
+
+def check_offsets(offsets: torch.Tensor, n_ids: int, what: str) -> None:
+    """Refuse CSR bag offsets that are not int64/int32, not 1-D, or (on the CPU) not
+    non-decreasing within ``[0, n_ids]``; on CUDA the values are left to the caller
+    (checking them would sync), which builds them (:func:`fixed_offsets`, row segments)."""
+    if offsets.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{what}: offsets must be int64 or int32, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{what}: offsets must be 1-D with S + 1 >= 1 entries, got shape {tuple(offsets.shape)}")
+    if offsets.device.type == "cuda":
+        return
+    if int(offsets[0]) < 0 or int(offsets[-1]) > n_ids or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{what}: offsets must rise from >= 0 to at most {n_ids} (the number of ids)")
+
 
 class TorchOps:
     """``F.embedding_bag`` and its per-sample-weight backward (any device, any float dtype)."""
@@ -50,9 +88,15 @@ class CpuOps:
 
     @staticmethod
     def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """CSR weighted bags, float32 ``(len(offsets) - 1, d)``."""
-        table, ids, offsets = table.contiguous(), ids.contiguous(), offsets.contiguous()
-        weights = weights.float().contiguous()
+        """CSR weighted bags, float32 ``(len(offsets) - 1, d)``. Every input is checked:
+        the C kernel reads rows by address."""
+        _check_table(table, "bag")
+        if ids.dim() != 1 or weights.shape != ids.shape:
+            raise ValueError(f"bag: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be 1-D of the same length")
+        check_ids(ids, table.shape[0], "bag")
+        check_offsets(offsets, ids.numel(), "bag")
+        table, weights = table.contiguous(), weights.float().contiguous()
+        ids, offsets = ids.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()  # the C kernel reads int64
         d = table.shape[1]
         out = torch.empty(offsets.numel() - 1, d)  # (S, d)
         fn = cpu.kernel("bag", table.dtype)
@@ -61,8 +105,15 @@ class CpuOps:
 
     @staticmethod
     def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``."""
-        table, ids = table.contiguous(), ids.contiguous()
+        """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``. Every input is checked:
+        the C kernel reads rows by address."""
+        _check_table(table, "bag_dot")
+        if ids.dim() != 2 or grad_out.shape != (ids.shape[0], table.shape[1]):
+            raise ValueError(
+                f"bag_dot: ids {tuple(ids.shape)} and grad_out {tuple(grad_out.shape)} must be (B, K) and (B, {table.shape[1]})"
+            )
+        check_ids(ids, table.shape[0], "bag_dot")
+        table, ids = table.contiguous(), ids.to(torch.int64).contiguous()  # the C kernel reads int64
         grad_out = grad_out.float().contiguous()
         B, K = ids.shape
         out = torch.empty(B, K)  # (B, K)
@@ -102,7 +153,12 @@ class TritonAtomicOps(TritonOps):
 
         rows, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B, K)
         grad_weights, row_grads = triton_bag.bag_backward_atomic(table, ids, weights.float(), grad_out, inverse, rows.numel())
-        return grad_weights, rows, row_grads
+        return grad_weights, rows.long(), row_grads  # int64 rows whatever the ids' dtype (index_copy_ takes int64)
+
+
+def _check_table(table: torch.Tensor, what: str) -> None:
+    if table.dim() != 2 or table.device.type != "cpu":
+        raise ValueError(f"{what}: the C kernels take a 2-D CPU table, got shape {tuple(table.shape)} on {table.device}")
 
 
 def fixed_offsets(n_bags: int, bag_size: int, device: torch.device) -> torch.Tensor:

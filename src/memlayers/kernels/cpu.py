@@ -148,7 +148,11 @@ def parallel_for(fn, total: int, *args, grain: int = 256) -> list:
 
 
 def ptr(tensor: torch.Tensor) -> int:
-    """Address of a contiguous CPU tensor's data."""
+    """Address of a contiguous CPU tensor's data (anything else is refused: the C code
+    would read a GPU address or past the end of a strided view)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"the C kernels take contiguous CPU tensors, got a {tuple(tensor.shape)} tensor on {tensor.device}"
+                         f"{'' if tensor.is_contiguous() else ' (not contiguous)'}")
     return tensor.data_ptr()
 
 

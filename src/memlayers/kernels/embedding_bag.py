@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from memlayers.kernels import cpu
-from memlayers.kernels.bag_ops import CpuOps, TorchOps, TritonAtomicOps, TritonOps, fixed_offsets
+from memlayers.kernels.bag_ops import (
+    CpuOps,
+    TorchOps,
+    TritonAtomicOps,
+    TritonOps,
+    check_ids,
+    fixed_offsets,
+)
 from memlayers.kernels.row_grad import read_table_grad
 
 
@@ -126,10 +133,8 @@ def _fast_backend(indices: torch.Tensor, table: torch.Tensor, backend: str, tabl
     name = resolve_backend(backend, table, table_grad)
     if name not in BACKENDS:
         raise ValueError(f"unknown {what} backend {backend!r}; choose auto or one of {sorted(BACKENDS)}")
-    if name in ("reference", "torch"):
-        if table_grad == "rows":
-            raise ValueError(f"backend {name!r} gives a dense table gradient only; use table_grad='dense' or backend 'auto'")
-        return name
+    if name in ("reference", "torch") and table_grad == "rows":
+        raise ValueError(f"backend {name!r} gives a dense table gradient only; use table_grad='dense' or backend 'auto'")
     if table_grad == "rows" and table.requires_grad and not table.is_leaf:
         raise ValueError("table_grad='rows' needs the table to be a leaf tensor (the value parameter itself)")
     if name == "cpu":
@@ -137,11 +142,8 @@ def _fast_backend(indices: torch.Tensor, table: torch.Tensor, backend: str, tabl
             raise ValueError(f"backend 'cpu' takes float32 or bfloat16 CPU tables, got {table.dtype} on {table.device}")
         if not cpu.available():
             raise ValueError("backend 'cpu' needs the C kernels, which could not be built (no C compiler); use backend 'auto'")
-        # the C kernels read rows by raw address: an id out of range would read out of bounds
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= table.shape[0]):
-            raise IndexError(
-                f"{what}: indices must lie in [0, {table.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]"
-            )
+    # every backend, so that all refuse the same ids (the reference's indexing would wrap negative ids)
+    check_ids(indices, table.shape[0], what, "indices")
     return name
 
 
@@ -155,7 +157,8 @@ def embedding_bag(
     """Weighted sum of table rows per bag.
 
     Args:
-        indices: ``(..., K)`` integer row ids into ``table``.
+        indices: ``(..., K)`` int64 or int32 row ids in ``[0, N)`` (others raise
+            ValueError, ids out of range IndexError).
         weights: ``(..., K)`` weight of each selected row.
         table: ``(N, d)`` value table.
         backend: ``auto`` or one of :data:`BACKENDS`.

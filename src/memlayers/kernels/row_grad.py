@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from memlayers.kernels import cpu
-from memlayers.kernels.bag_ops import CpuOps, TorchOps
+from memlayers.kernels.bag_ops import CpuOps, TorchOps, check_ids
 
 
 @dataclass
@@ -57,12 +57,19 @@ class RowGrad:
         self._segments: Segments | None = None
 
     def add(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """Add the gradient of one bag read: ``ids``, ``weights`` ``(B, K)``, ``grad_out`` ``(B, d)``."""
-        if grad_out.shape[-1] != self.dim or ids.shape[:-1] != grad_out.shape[:-1] or ids.shape != weights.shape:
+        """Add the gradient of one bag read: ``ids``, ``weights`` ``(B, K)``, ``grad_out`` ``(B, d)``.
+
+        ``ids`` must be int64 or int32 in ``[0, n_rows)``: the fused updates write those rows by address.
+        """
+        if (
+            ids.dim() != 2 or grad_out.dim() != 2 or grad_out.shape[-1] != self.dim
+            or ids.shape[:-1] != grad_out.shape[:-1] or ids.shape != weights.shape
+        ):
             raise ValueError(
                 f"row gradient part has ids {tuple(ids.shape)}, weights {tuple(weights.shape)}, "
                 f"grad_out {tuple(grad_out.shape)}; expected (B, K), (B, K), (B, {self.dim})"
             )
+        check_ids(ids, self.n_rows, "row gradient")
         dtype = torch.promote_types(grad_out.dtype, torch.float32)
         self._parts.append((ids.detach(), weights.detach().to(dtype), grad_out.detach().to(dtype)))
         self._segments = None
@@ -131,7 +138,7 @@ class RowGrad:
     def sq_norm(self) -> float:
         """Squared Frobenius norm of the (scaled) gradient."""
         seg = self.segments()
-        if self.ops is CpuOps and seg.grad_out.dtype == torch.float32:
+        if self.ops is CpuOps and seg.grad_out.dtype == torch.float32 and seg.grad_out.device.type == "cpu":
             parts = cpu.parallel_for(
                 cpu.library().row_grad_sq_norm, seg.rows.numel(), cpu.ptr(seg.offsets), cpu.ptr(seg.bags),
                 cpu.ptr(seg.weights), cpu.ptr(seg.grad_out), self.dim, grain=64,

@@ -20,27 +20,42 @@ from collections.abc import Callable
 import torch
 
 from memlayers.kernels import cpu
-from memlayers.kernels.bag_ops import CpuOps
+from memlayers.kernels.bag_ops import CpuOps, check_ids
 from memlayers.kernels.row_grad import RowGrad
 
 Grad = RowGrad | tuple[torch.Tensor, torch.Tensor]
 
 
+def _check_grad(table: torch.Tensor, grad: Grad) -> None:
+    """Refuse a gradient that does not fit ``table``: the fused kernels index the table,
+    its state and the gradient rows by address, so a mismatch would write out of bounds."""
+    if isinstance(grad, RowGrad):
+        if (grad.n_rows, grad.dim) != tuple(table.shape):
+            raise ValueError(f"a row gradient of a ({grad.n_rows}, {grad.dim}) table cannot update a {tuple(table.shape)} table")
+        return
+    rows, grads = grad
+    if rows.dim() != 1 or grads.shape != (rows.numel(), table.shape[1]):
+        raise ValueError(f"rows {tuple(rows.shape)} and grads {tuple(grads.shape)} must be (U,) and (U, {table.shape[1]})")
+    check_ids(rows, table.shape[0], "row update", "rows")
+
+
 def _fused(table: torch.Tensor, grad: Grad, *states: torch.Tensor) -> bool:
     """True when the fused C kernel can apply ``grad`` to ``table`` and ``states``."""
+    if not (isinstance(grad, RowGrad) and grad.ops is CpuOps and cpu.available()):
+        return False
+    grad_out = grad.segments().grad_out
     return (
-        isinstance(grad, RowGrad)
-        and grad.ops is CpuOps
-        and table.device.type == "cpu"
-        and table.is_contiguous()
+        all(t.device.type == "cpu" and t.is_contiguous() for t in (table, grad_out, *states))
         and table.dtype in cpu.DTYPE_SUFFIX
-        and all(s.is_contiguous() and s.dtype in (*cpu.DTYPE_SUFFIX, torch.int32) for s in states)
-        and cpu.available()
+        and grad_out.dtype == torch.float32
+        and all(s.dtype in (*cpu.DTYPE_SUFFIX, torch.int32) for s in states)
     )
 
 
 def _rows(grad: Grad) -> tuple[torch.Tensor, torch.Tensor]:
-    return grad.rows() if isinstance(grad, RowGrad) else grad
+    """``(rows (U,) int64, grads (U, d))`` of a checked gradient."""
+    rows, grads = grad.rows() if isinstance(grad, RowGrad) else grad
+    return rows.long(), grads  # index_select / index_copy_ take int64 rows
 
 
 def _launch(name: str, dtypes: tuple[torch.dtype, ...], grad: RowGrad, tensors: tuple, scalars: tuple) -> None:
@@ -64,6 +79,7 @@ def sgd_reference(table: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, 
 @torch.no_grad()
 def sgd_update(table: torch.Tensor, grad: Grad, lr: float, weight_decay: float = 0.0) -> None:
     """Row-sparse SGD with decoupled weight decay."""
+    _check_grad(table, grad)
     if _fused(table, grad):
         _launch("sgd", (table.dtype,), grad, (table,), (lr, weight_decay))
     else:
@@ -101,6 +117,7 @@ def adagrad_update(
     """
     if state_sum.dtype != torch.float32 or state_sum.shape != table.shape[:1]:
         raise ValueError(f"row-wise Adagrad state must be float32 of shape ({table.shape[0]},), got {state_sum.dtype} {tuple(state_sum.shape)}")
+    _check_grad(table, grad)
     if row_sum_reduce is not None:
         rows, grads = _rows(grad)
         mean_sq = row_sum_reduce(grads.square().sum(dim=1)) / (row_width or table.shape[1])  # (U,)
@@ -140,6 +157,12 @@ def adam_update(
     gets the bias correction of its own first step."""
     if steps.dtype != torch.int32 or exp_avg.dtype != exp_avg_sq.dtype:
         raise ValueError("Adam state: steps must be int32 and both moments the same dtype")
+    if exp_avg.shape != table.shape or exp_avg_sq.shape != table.shape or steps.shape != table.shape[:1]:
+        raise ValueError(
+            f"Adam state of a {tuple(table.shape)} table must be moments of that shape and ({table.shape[0]},) steps, "
+            f"got {tuple(exp_avg.shape)}, {tuple(exp_avg_sq.shape)}, {tuple(steps.shape)}"
+        )
+    _check_grad(table, grad)
     if _fused(table, grad, exp_avg, exp_avg_sq, steps):
         _launch("adam", (table.dtype, exp_avg.dtype), grad, (table, exp_avg, exp_avg_sq, steps),
                 (lr, beta1, beta2, eps, weight_decay))

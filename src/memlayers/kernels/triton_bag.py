@@ -33,9 +33,10 @@ under very skewed key distributions.
 
 Imports cleanly without triton; :data:`AVAILABLE` says whether the kernels
 exist. On CPU tensors the kernels run only under Triton's interpreter
-(``TRITON_INTERPRET=1``, set before this module is imported). ``ids``,
-``offsets`` and ``inverse`` are not bounds-checked (that would cost a device
-sync); out-of-range values read or write out of bounds.
+(``TRITON_INTERPRET=1``, set before this module is imported). ``ids`` and
+``inverse`` are range-checked by :func:`~memlayers.kernels.bag_ops.check_ids`
+(on CUDA a device-side assertion, no host sync); ``offsets`` only on the CPU
+(on CUDA their callers build them).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from __future__ import annotations
 import operator
 
 import torch
+
+from memlayers.kernels.bag_ops import check_ids, check_offsets
 
 try:
     import triton
@@ -60,7 +63,6 @@ _BAG_MAX_BLOCK_D = 256
 _DOT_MAX_BLOCK_D = 1024
 
 _TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 __all__ = ["AVAILABLE", "bag", "bag_backward_atomic", "bag_dot", "supports_device"]
 
@@ -189,11 +191,6 @@ def _check_table(table: torch.Tensor) -> None:
         )
 
 
-def _check_index(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name} must be int64 or int32, got {tensor.dtype}")
-
-
 def _check_float(name: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
@@ -204,10 +201,10 @@ def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: 
 
     Args:
         table: ``(N, d)`` float32, bfloat16 or float16 rows.
-        ids: ``(M,)`` int64 or int32 row ids into ``table``.
+        ids: ``(M,)`` int64 or int32 row ids in ``[0, N)``.
         weights: ``(M,)`` weight of each member (computed in float32).
         offsets: ``(S + 1,)`` int64 or int32 bag boundaries; ``offsets[0] == 0``,
-            ``offsets[-1] == M``, non-decreasing (not checked: that would sync).
+            ``offsets[-1] == M``, non-decreasing (checked on the CPU only: on CUDA it would sync).
             Empty bags give zero rows.
 
     Returns:
@@ -217,13 +214,11 @@ def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: 
     _check_table(table)
     if ids.dim() != 1 or weights.dim() != 1 or ids.shape != weights.shape:
         raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be 1-D of the same length")
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"offsets must be 1-D with S + 1 >= 1 entries, got shape {tuple(offsets.shape)}")
-    _check_index("ids", ids)
-    _check_index("offsets", offsets)
     _check_float("weights", weights)
     for name, tensor in (("ids", ids), ("weights", weights), ("offsets", offsets)):
         _check_device(name, tensor, table.device)
+    check_offsets(offsets, ids.numel(), "bag")
+    check_ids(ids, table.shape[0], "bag")
 
     n_bags, d = offsets.numel() - 1, table.shape[1]
     if ids.numel() == 0 or n_bags == 0 or d == 0:
@@ -280,7 +275,6 @@ def _check_fixed_bag(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Ten
     _check_table(table)
     if ids.dim() != 2:
         raise ValueError(f"ids must be 2-D (bags, K), got shape {tuple(ids.shape)}")
-    _check_index("ids", ids)
     if grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0] or grad_out.shape[1] != table.shape[1]:
         raise ValueError(
             f"grad_out must have shape (B, d) = ({ids.shape[0]}, {table.shape[1]}), got {tuple(grad_out.shape)}"
@@ -289,6 +283,7 @@ def _check_fixed_bag(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Ten
         raise ValueError(f"grad_out dtype must be float32, bfloat16 or float16, got {grad_out.dtype}")
     _check_device("ids", ids, table.device)
     _check_device("grad_out", grad_out, table.device)
+    check_ids(ids, table.shape[0], "bag_dot")
 
 
 def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -296,7 +291,7 @@ def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> t
 
     Args:
         table: ``(N, d)`` float32, bfloat16 or float16 rows.
-        ids: ``(B, K)`` int64 or int32 row ids into ``table``.
+        ids: ``(B, K)`` int64 or int32 row ids in ``[0, N)``.
         grad_out: ``(B, d)`` gradient of the bag output.
 
     Returns:
@@ -332,7 +327,7 @@ def bag_backward_atomic(
         ids: ``(B, K)`` int64 or int32 row ids into ``table``.
         weights: ``(B, K)`` weights of the forward bag (computed in float32).
         grad_out: ``(B, d)`` gradient of the bag output.
-        inverse: ``(B, K)`` int64 or int32, each lookup's slot in ``[0, n_rows)``.
+        inverse: ``(B, K)`` int64 or int32, each lookup's slot in ``[0, n_rows)`` (checked).
         n_rows: number of unique touched rows.
 
     Returns:
@@ -346,7 +341,6 @@ def bag_backward_atomic(
             "must have the same (B, K) shape"
         )
     _check_float("weights", weights)
-    _check_index("inverse", inverse)
     try:
         n_rows = operator.index(n_rows)
     except TypeError:
@@ -363,6 +357,7 @@ def bag_backward_atomic(
         return torch.zeros(n_bags, k, dtype=torch.float32, device=table.device), row_grads
     if n_rows == 0:
         raise ValueError(f"n_rows is 0 but there are {n_bags * k} lookups to scatter")
+    check_ids(inverse, n_rows, "bag_backward_atomic", "inverse")
     weights = weights.to(torch.float32).contiguous()  # (B, K)
     inverse = inverse.contiguous()  # (B, K)
     dots = _bag_dot_launch(table, ids, grad_out, weights, inverse, row_grads)  # (B, K)

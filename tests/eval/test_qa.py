@@ -270,3 +270,16 @@ def test_invalid_inputs():
     with pytest.raises(ValueError, match="max_seq_len"):
         evaluate_qa(model, codec, [{"question": "q?", "answer": "abcdefghijk"}])
     assert isinstance(evaluate_qa(model, codec, [{"question": "q?", "answer": "abc"}]), QAResult)
+
+
+def test_progress_bars_count_questions_only_when_asked(capsys):
+    codec = CharCodec()
+    model = _bigram(codec, {}, default=codec.eos_id)
+    quiet = evaluate_qa(model, codec, PAIRS)
+    assert capsys.readouterr().err == ""
+    shown = evaluate_qa(model, codec, PAIRS, progress=True)
+    err = capsys.readouterr().err
+    for phase in ("QA answers", "QA answer NLL"):
+        assert f"{phase}: 100%" in err and "3/3 [" in err, err
+    assert "question/s]" in err  # the rate; the elapsed and remaining time come before it
+    assert shown == quiet

@@ -5,6 +5,10 @@ batch (left padding would change their outputs). When prompt and continuation
 fit in ``model.config.max_seq_len``, the prompt is run once into a KV cache and
 each new token costs one position; longer generations re-run the model on the
 sequence cropped to its last ``max_seq_len`` tokens at every step.
+
+With a model sharded over the ranks of a torchrun job, every rank calls
+:func:`generate` with its own prompts (any number, even none) and the ranks
+stay in lockstep (see :mod:`memlayers.eval.lockstep`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlayers.eval.lockstep import Ranks
 from memlayers.model.attention import KVCache
 
 
@@ -72,27 +77,36 @@ def _generate_batch(
     top_k: int | None,
     stop: torch.Tensor | None,
     generator: torch.Generator | None,
+    ranks: Ranks,
+    live: bool,
 ) -> list[list[int]]:
     """New tokens for a batch of equal-length prompts ``tokens`` ``(B, P)``, untruncated.
 
-    Stops early once every row has emitted a stop id (``stop`` ``(S,)``).
+    Stops early once every row has emitted a stop id (``stop`` ``(S,)``), on
+    every rank of ``ranks``: until then a rank whose rows are all done keeps
+    running the forward on its last token and picks nothing more. A batch
+    that is not ``live`` is a placeholder that only runs those forwards.
     """
     max_len = model.config.max_seq_len
     prompt_len = tokens.shape[1]
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)  # (B,)
+    done = torch.full((tokens.shape[0],), not live, dtype=torch.bool, device=tokens.device)  # (B,)
+    finished = not live
     cache = KVCache(max_len) if prompt_len + max_new_tokens <= max_len else None
-    new = None
+    step_input = tokens  # (B, P): with a cache, the whole prompt once, then only the newest token
     for _ in range(max_new_tokens):
         if cache is None:
             logits = model(tokens[:, -max_len:]).logits[:, -1]  # (B, V)
-        else:  # the whole prompt once, then only the newest token
-            logits = model(tokens if new is None else new[:, None], cache=cache).logits[:, -1]  # (B, V)
-        new = _next_tokens(logits, temperature, top_k, generator)  # (B,)
-        tokens = torch.cat([tokens, new[:, None]], dim=1)  # (B, T + 1)
-        if stop is not None:
-            done |= torch.isin(new, stop)  # (B,)
-            if bool(done.all()):
-                break
+        else:
+            logits = model(step_input, cache=cache).logits[:, -1]  # (B, V)
+        if not finished:
+            new = _next_tokens(logits, temperature, top_k, generator)  # (B,)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)  # (B, T + 1)
+            step_input = new[:, None]  # (B, 1)
+            if stop is not None:
+                done |= torch.isin(new, stop)  # (B,)
+                finished = bool(done.all())
+        if ranks.all(finished):
+            break
     return tokens[:, prompt_len:].tolist()
 
 
@@ -119,7 +133,48 @@ def generate(
     a time; a batch runs until all its rows have stopped or
     ``max_new_tokens`` is reached. The model runs in eval mode on its own
     device; its previous train/eval mode is restored afterwards.
+
+    A model sharded over the ranks of a process group (DTensor parameters)
+    needs every rank to call this, each with its own prompts and the same
+    other arguments: the ranks run the same number of batches (placeholders
+    where a rank has fewer) and a batch runs until its rows have stopped on
+    every rank. Bad arguments on one rank raise on all of them.
     """
+    ranks = Ranks(model)
+    try:
+        _check_arguments(prompts, max_new_tokens, temperature, top_k)
+        buckets = length_buckets([len(p) for p in prompts], batch_size)
+        error = None
+    except ValueError as refused:
+        buckets, error = [], refused
+    ranks.agree(error)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = ranks.device
+    stops = {int(s) for s in stop_ids}
+    stop = torch.tensor(sorted(stops), dtype=torch.long, device=device) if stops else None  # (S,)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for number in range(ranks.most(len(buckets))[0]):
+            indices = buckets[number] if number < len(buckets) else []
+            batch = [prompts[i] for i in indices] or [[0]]  # a placeholder for a rank with no batch left
+            tokens = torch.tensor(batch, dtype=torch.long, device=device)  # (B, P)
+            new = _generate_batch(
+                model, tokens, max_new_tokens, temperature, top_k, stop, generator, ranks, live=bool(indices)
+            )
+            for index, ids in zip(indices, new[: len(indices)], strict=True):
+                outputs[index] = truncate_at_stop(ids, stops)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _check_arguments(
+    prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None
+) -> None:
+    """Raise ValueError for arguments :func:`generate` cannot run with."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -129,24 +184,3 @@ def generate(
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty; a prompt needs at least one token")
-    buckets = length_buckets([len(p) for p in prompts], batch_size)
-    if max_new_tokens == 0:
-        return [[] for _ in prompts]
-    device = next(model.parameters()).device
-    stops = {int(s) for s in stop_ids}
-    stop = torch.tensor(sorted(stops), dtype=torch.long, device=device) if stops else None  # (S,)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        for indices in buckets:
-            batch = [prompts[i] for i in indices]
-            tokens = torch.tensor(batch, dtype=torch.long, device=device)  # (B, P)
-            new = _generate_batch(
-                model, tokens, max_new_tokens, temperature, top_k, stop, generator
-            )
-            for index, ids in zip(indices, new, strict=True):
-                outputs[index] = truncate_at_stop(ids, stops)
-    finally:
-        model.train(was_training)
-    return outputs

@@ -18,6 +18,7 @@ from torch import nn
 
 from memlayers.data.text import qa_prompt
 from memlayers.eval.generate import generate, length_buckets
+from memlayers.eval.lockstep import Ranks
 from memlayers.eval.loglikelihood import score_continuations
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -82,27 +83,87 @@ class QAResult:
         return {"exact_match": self.exact_match, "answer_nll": self.answer_nll, "n": self.n}
 
 
+def _greedy_answers(
+    model: nn.Module,
+    ranks: Ranks,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    batch_size: int,
+    progress: bool,
+) -> list[list[int]]:
+    """Per question, its greedy continuation (up to and including a stop id).
+
+    Prompts of equal length share a batch; the ranks of ``ranks`` take turns
+    at the batches, and every rank returns all the continuations.
+    """
+    batches = length_buckets([len(p) for p in prompts], batch_size)
+    bar = ranks.progress(len(prompts), "QA answers", progress)
+    mine: list[tuple[int, list[int]]] = []
+    for indices in ranks.rounds(batches, bar):
+        indices = indices or []  # a rank with no batch left still generates along, for nothing
+        new = generate(model, [prompts[i] for i in indices], max_new_tokens, stop_ids=stop_ids, batch_size=batch_size)
+        mine.extend(zip(indices, new, strict=True))
+    bar.close()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for index, ids in ranks.gather(mine):
+        outputs[index] = ids
+    return outputs
+
+
 def _answer_nll(
     model: nn.Module,
+    ranks: Ranks,
     prompts: list[list[int]],
     answers: list[list[int]],
     batch_size: int,
+    progress: bool,
 ) -> list[tuple[float, int]]:
     """Per question, the summed NLL (nats) of its answer tokens given its prompt, and their count.
 
     Each sequence is ``prompt + answer``, cropped on the left to
     ``model.config.max_seq_len + 1`` tokens (the model reads all but the
-    last); sequences of equal length share a batch.
+    last); sequences of equal length share a batch; the ranks of ``ranks``
+    take turns at the batches, and every rank returns all the results.
     """
     max_len = model.config.max_seq_len
     sequences = [(p + a)[-(max_len + 1) :] for p, a in zip(prompts, answers, strict=True)]
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    for indices in length_buckets([len(s) for s in sequences], batch_size):
+    batches = length_buckets([len(s) for s in sequences], batch_size)
+    bar = ranks.progress(len(sequences), "QA answer NLL", progress)
+    mine: list[tuple[int, tuple[float, int]]] = []
+    for indices in ranks.rounds(batches, bar):
+        if indices is None:
+            ranks.idle_forward(model)
+            continue
         counts = [len(answers[i]) for i in indices]
         scores = score_continuations(model, [sequences[i] for i in indices], counts)
         for index, (log_prob, _), count in zip(indices, scores, counts, strict=True):
-            results[index] = (-log_prob, count)
+            mine.append((index, (-log_prob, count)))
+    bar.close()
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    for index, result in ranks.gather(mine):
+        results[index] = result
     return results
+
+
+def _encode(
+    tokenizer: TextCodec, pairs: list[dict], max_len: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and gold answer ids of every pair; ValueError for a pair that cannot be scored."""
+    if not pairs:
+        raise ValueError("pairs is empty: nothing to evaluate")
+    use_bos = tokenizer.bos_id is not None
+    prompts = [tokenizer.encode(qa_prompt(pair["question"]), bos=use_bos) for pair in pairs]
+    answers = [tokenizer.encode(" " + pair["answer"].strip()) for pair in pairs]
+    for pair, answer in zip(pairs, answers, strict=True):
+        if not pair["answer"].strip():
+            raise ValueError(f"empty answer for question {pair['question']!r}")
+        if not 1 <= len(answer) <= max_len:
+            raise ValueError(
+                f"answer {pair['answer']!r} has {len(answer)} tokens; "
+                f"need 1 to max_seq_len = {max_len}"
+            )
+    return prompts, answers
 
 
 @torch.no_grad()
@@ -112,6 +173,7 @@ def evaluate_qa(
     pairs: list[dict],
     max_new_tokens: int = 16,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> QAResult:
     """Exact match and gold-answer NLL of ``model`` on question/answer ``pairs``.
 
@@ -126,30 +188,29 @@ def evaluate_qa(
     answer by :func:`exact_match`. Answer NLL: teacher-forced, in nats per
     answer token, computed in float32 or better. Both run batched, at most
     ``batch_size`` sequences of equal length at a time, with the model in eval
-    mode; its train/eval mode is restored afterwards.
+    mode; its train/eval mode is restored afterwards. ``progress`` shows a
+    progress bar of each (on rank 0 of a torchrun job).
+
+    A model sharded over the ranks of a process group (DTensor parameters)
+    needs every rank to call this with the same pairs (checked): the ranks
+    split the batches between them and each returns the result of all pairs,
+    the same batches as in one process.
     """
-    if not pairs:
-        raise ValueError("pairs is empty: nothing to evaluate")
-    max_len = model.config.max_seq_len
-    use_bos = tokenizer.bos_id is not None
-    prompts = [tokenizer.encode(qa_prompt(pair["question"]), bos=use_bos) for pair in pairs]
-    answers = [tokenizer.encode(" " + pair["answer"].strip()) for pair in pairs]
-    for pair, answer in zip(pairs, answers, strict=True):
-        if not pair["answer"].strip():
-            raise ValueError(f"empty answer for question {pair['question']!r}")
-        if not 1 <= len(answer) <= max_len:
-            raise ValueError(
-                f"answer {pair['answer']!r} has {len(answer)} tokens; "
-                f"need 1 to max_seq_len = {max_len}"
-            )
+    ranks = Ranks(model)
+    try:
+        prompts, answers = _encode(tokenizer, pairs, model.config.max_seq_len)
+        error = None
+    except ValueError as refused:
+        prompts, answers, error = [], [], refused
+    ranks.agree(error, same=repr((prompts, answers)).encode())
     eos = tokenizer.eos_id
     stop_ids = () if eos is None else (eos,)
 
     was_training = model.training
     model.eval()
     try:
-        outputs = generate(model, prompts, max_new_tokens, stop_ids=stop_ids, batch_size=batch_size)
-        nlls = _answer_nll(model, prompts, answers, batch_size)
+        outputs = _greedy_answers(model, ranks, prompts, max_new_tokens, stop_ids, batch_size, progress)
+        nlls = _answer_nll(model, ranks, prompts, answers, batch_size, progress)
     finally:
         model.train(was_training)
 

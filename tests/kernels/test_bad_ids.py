@@ -83,6 +83,20 @@ def test_ids_of_other_dtypes_raise_naming_the_dtype(name, backend, table_grad, d
         read(name, ids.to(dtype), weights, table, x, backend, table_grad)
 
 
+@pytest.mark.parametrize("name", READS)
+@pytest.mark.parametrize(("backend", "table_grad"), MODES)
+def test_empty_bags_read_zeros_and_0d_ids_raise(name, backend, table_grad):
+    skip_unavailable(backend)
+    _, _, table, x = random_case(seed=10)
+    for lead, k in (((4, 3), 0), ((0,), 7)):  # bags of no lookups; no bags
+        ids, weights = torch.zeros(*lead, k, dtype=torch.int32), torch.ones(*lead, k)
+        out, _, grad = read(name, ids, weights, table, torch.randn(*lead, D), backend, table_grad)
+        assert out.shape == (*lead, D if name == "embedding_bag" else k) and not out.any()
+        assert grad is None or not grad.any()
+    with pytest.raises(ValueError, match=rf"{name}: indices must have a lookup axis \(..., K\), got a 0-D tensor"):
+        read(name, torch.tensor(3), torch.tensor(1.0), table, x[0, 0], backend, table_grad)
+
+
 @pytest.mark.parametrize("ops", [CpuOps, TritonOps])
 def test_raw_ops_take_int32_ids_and_refuse_what_would_read_out_of_bounds(ops):
     """The ops are called directly too (memory parallelism, row gradients): they check their own inputs."""
@@ -222,6 +236,7 @@ for bad in (idx.float(), idx - 50, idx * 1000):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
 def test_the_calls_that_crashed_the_c_kernel_raise_in_a_fresh_process():

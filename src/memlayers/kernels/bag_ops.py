@@ -75,7 +75,7 @@ class TorchOps:
     def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """``grad_out[b] . table[ids[b, k]]``, float32 ``(B, K)``."""
         B, K = ids.shape
-        offsets = torch.arange(0, B * K, K, device=ids.device)  # (B,)
+        offsets = fixed_offsets(B, K, ids.device)[:-1]  # (B,)
         offset2bag = torch.arange(B, device=ids.device).repeat_interleave(K)  # (B*K,)
         out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad_out.to(table.dtype), table, ids.reshape(-1), offsets, offset2bag, 0, -1
@@ -163,4 +163,4 @@ def _check_table(table: torch.Tensor, what: str) -> None:
 
 def fixed_offsets(n_bags: int, bag_size: int, device: torch.device) -> torch.Tensor:
     """CSR offsets of ``n_bags`` bags of ``bag_size`` lookups, ``(n_bags + 1,)``."""
-    return torch.arange(0, n_bags * bag_size + 1, bag_size, device=device)
+    return torch.arange(n_bags + 1, device=device) * bag_size  # also for bags of 0 lookups

@@ -55,8 +55,8 @@ def embedding_bag_reference(indices: torch.Tensor, weights: torch.Tensor, table:
 def over_bags(fn, indices: torch.Tensor, weights: torch.Tensor, *args) -> torch.Tensor:
     """``fn(indices, weights, *args)`` on ``(B, K)`` views of ``(..., K)`` lookups; the
     ``(B, d)`` result comes back as ``(..., d)``."""
-    lead = indices.shape[:-1]
-    out = fn(indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1]), *args)  # (B, d)
+    lead, K = indices.shape[:-1], indices.shape[-1]
+    out = fn(indices.reshape(lead.numel(), K), weights.reshape(lead.numel(), K), *args)  # (B, d); K may be 0
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -64,7 +64,9 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
     """``torch.nn.functional.embedding_bag`` in sum mode with per-sample weights."""
 
     def bags(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(ids, table, per_sample_weights=w.to(table.dtype), mode="sum")  # (B, d)
+        # flat ids and explicit offsets, as torch does for (B, K) ids, which it cannot take with K = 0
+        starts = fixed_offsets(*ids.shape, ids.device)[:-1]  # (B,)
+        return F.embedding_bag(ids.reshape(-1), table, starts, per_sample_weights=w.reshape(-1).to(table.dtype), mode="sum")
 
     return over_bags(bags, indices, weights)
 
@@ -128,6 +130,8 @@ def _fast_backend(indices: torch.Tensor, table: torch.Tensor, backend: str, tabl
     """Resolve and check a backend for ``table``; returns its name (``reference``/``torch`` included)."""
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D (rows, dim), got shape {tuple(table.shape)}")
+    if indices.dim() == 0:
+        raise ValueError(f"{what}: indices must have a lookup axis (..., K), got a 0-D tensor")
     if table_grad not in ("dense", "rows"):
         raise ValueError(f"table_grad must be 'dense' or 'rows', got {table_grad!r}")
     name = resolve_backend(backend, table, table_grad)
@@ -235,6 +239,6 @@ def embedding_dot(
     if name in ("reference", "torch"):
         return embedding_dot_reference(indices, table, x).to(torch.promote_types(table.dtype, torch.float32))
     lead = indices.shape[:-1]
-    flat_indices = indices.reshape(-1, indices.shape[-1])  # (B, K)
-    out = DotFunction.apply(flat_indices, table, x.reshape(-1, x.shape[-1]), OPS[name], table_grad)  # (B, K)
+    flat_indices = indices.reshape(lead.numel(), indices.shape[-1])  # (B, K); K may be 0
+    out = DotFunction.apply(flat_indices, table, x.reshape(lead.numel(), x.shape[-1]), OPS[name], table_grad)  # (B, K)
     return out.reshape(*lead, indices.shape[-1])

@@ -96,7 +96,7 @@ def test_bad_input_on_one_rank_stops_every_rank_and_they_stay_in_step(ranks):
 def test_train_under_torchrun_evaluates_like_one_process(tmp_path):
     """The end of `memlayers train` under torchrun with memory parallelism: the final evaluation
     finishes (it used to deadlock) with one process's held-out loss and QA scores."""
-    settings = ["train.steps=2", "train.eval_qa=7", "train.threads=1", "parallel.memory_parallel=2"]
+    settings = ["train.steps=2", "train.eval_qa=7", "train.eval_batches=0", "train.threads=1", "parallel.memory_parallel=2"]
     single = build_config(tmp_path / "single", [*settings, "train.batch_size=8"])
     Trainer(single).fit(progress=False)
     config_file = tmp_path / "tiny.yaml"

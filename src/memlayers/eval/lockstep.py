@@ -4,10 +4,9 @@ The forward of a sharded model is a collective: FSDP2 all-gathers each
 block's parameters and a memory-parallel layer gathers the lookups of its
 whole group. Every rank must therefore run the same number of forwards, or
 the rank that stops first leaves the others waiting inside a collective until
-the timeout kills the job. Batches by length, shares of uneven size, greedy
-decoding that stops at EOS, and even the last bits of logits (a memory read
-sums its columns on other ranks, so two ranks can break a near tie apart)
-make that count differ from rank to rank.
+the timeout kills the job (or, worse, pairs one rank's forward with another
+forward of its peer). Batches by length, shares of uneven size and greedy
+decoding that stops at EOS all make that count differ from rank to rank.
 
 So the evaluation functions agree on it: every rank is given the same
 batches and scores its share of them (:meth:`Ranks.rounds`), a rank with

@@ -2,15 +2,23 @@
 
 
 import pytest
+import yaml
 
+from memlayers.cli import main
 from memlayers.config import ConfigError, load_config
 from memlayers.demo import build_runs, demo_config
-from memlayers.demo.ablations import AblationConfig, Variant, build_variants, markdown_table
+from memlayers.demo.ablations import (
+    AblationConfig,
+    Variant,
+    build_variants,
+    load_ablations,
+    markdown_table,
+)
 from memlayers.train.config import DataConfig
 
 
-def _suite(tmp_path):
-    demo = demo_config(False)
+def _suite(tmp_path, demo=None):
+    demo = demo or demo_config(False)
     data = DataConfig(vocab_size=demo.vocab_size, seq_len=demo.seq_len, facts=demo.facts)
     return build_runs(demo, data, str(tmp_path), demo.vocab_size)
 
@@ -50,3 +58,44 @@ def test_markdown_table_has_a_row_per_variant():
     table = markdown_table(rows, "Ablations")
     assert "| a | dense | - | 25.0% | 1.500 | - | 1,000 |  |" in table
     assert "| b | memory-64x64 | `optim.value_lr=3e-2` | 50.0% | 0.700 | 3.25 | 900 | n |" in table
+
+
+def _ablation_file(tmp_path):
+    path = tmp_path / "ablations.yaml"
+    path.write_text(yaml.safe_dump({
+        "preset": "demo_quick",
+        "demo_overrides": ["train.steps=7", "train.batch_size=3"],
+        "variants": [{"name": "a", "run": "dense"}, {"name": "b", "run": "dense", "overrides": ["train.batch_size=5"]}],
+    }))
+    return path
+
+
+def test_command_line_overrides_reach_every_variant_after_the_files_own(tmp_path):
+    ablation, demo = load_ablations(_ablation_file(tmp_path), ["train.steps=10", "workers=1"])
+    assert (demo.train.steps, demo.train.batch_size, demo.workers) == (10, 3, 1)
+    assert demo == demo_config(True, ["train.steps=7", "train.batch_size=3", "train.steps=10", "workers=1"])
+    runs = build_variants(ablation, _suite(tmp_path, demo), tmp_path)
+    assert [r.config.train.steps for r in runs] == [10, 10]
+    assert [r.config.train.batch_size for r in runs] == [3, 5]  # a variant's own overrides come last
+
+
+def test_an_override_the_demo_does_not_have_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_ablations(_ablation_file(tmp_path), ["data.repack=false"])
+    assert error.value.key.startswith("data")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["bogus=1"], "memlayers: config error: bogus"),
+        (["--quick"], "memlayers: config error: --quick and --preset do not apply to --ablations"),
+        (["--preset", "demo"], "memlayers: config error: --quick and --preset do not apply to --ablations"),
+    ],
+)
+def test_demo_ablations_refuses_what_it_would_ignore(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["demo", "--ablations", str(_ablation_file(tmp_path)), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # refused before any work

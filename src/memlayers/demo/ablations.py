@@ -18,7 +18,7 @@ from typing import Any
 
 from memlayers.config import apply_overrides, check, from_dict, load_config, to_dict
 from memlayers.demo.runner import demo_config, prepare_world, train_suite
-from memlayers.demo.suite import DemoRun, build_runs
+from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
 from memlayers.train.config import RunConfig
 
 
@@ -84,11 +84,21 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = None) -> list[dict[str, Any]]:
-    """Train every variant of an ablation file; write ablations.json and ablations.md."""
-    start = time.perf_counter()
+def load_ablations(path: str | Path, overrides: list[str] = ()) -> tuple[AblationConfig, DemoConfig]:
+    """An ablation file and its demo config: the file's preset with its ``demo_overrides``, then ``overrides``.
+
+    ``overrides`` (the command line's) reach every variant; a key the demo
+    config does not have is a ConfigError, never ignored.
+    """
     ablation = load_config(AblationConfig, path)
-    demo = demo_config(False, list(ablation.demo_overrides), preset=ablation.preset)
+    return ablation, demo_config(False, [*ablation.demo_overrides, *overrides], preset=ablation.preset)
+
+
+def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = None,
+                  overrides: list[str] = ()) -> list[dict[str, Any]]:
+    """Train every variant of an ablation file (with the demo ``overrides``); write ablations.json and ablations.md."""
+    start = time.perf_counter()
+    ablation, demo = load_ablations(path, overrides)
     out_dir = Path(out_dir)
     data, tokenizer = prepare_world(demo, out_dir)
     runs = build_variants(ablation, build_runs(demo, data, str(out_dir), tokenizer.vocab_size), out_dir)
@@ -104,8 +114,9 @@ def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = N
         for v, s in zip(ablation.variants, summaries, strict=True)
     ]
     minutes = (time.perf_counter() - start) / 60
-    world = ", ".join(ablation.demo_overrides) or "the demo preset"
+    world = ", ".join([*ablation.demo_overrides, *overrides]) or "the demo preset"
     title = f"Ablations ({world}; {minutes:.0f} min)"
-    (out_dir / "ablations.json").write_text(json.dumps({"config": to_dict(ablation), "rows": rows}, indent=2))
+    saved = {"config": to_dict(ablation), "overrides": list(overrides), "rows": rows}
+    (out_dir / "ablations.json").write_text(json.dumps(saved, indent=2))
     (out_dir / "ablations.md").write_text(markdown_table(rows, title) + "\n")
     return rows

@@ -1,17 +1,15 @@
 """Run the demo: one fact world and tokenizer, then every model of the suite.
 
-Runs go to a pool of worker processes (``workers``, one CPU thread each:
+Runs go to worker processes (``workers`` at a time, one CPU thread each:
 tiny models run best single-threaded, and two at once use both cores of a
 laptop-class machine). One progress bar counts the steps of all runs.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import write_report
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
 from memlayers.model.accounting import count_flops
+from memlayers.procs import run_all
 from memlayers.train.config import DataConfig, RunConfig
 
 
@@ -51,33 +50,35 @@ def prepare_world(demo: DemoConfig, out_dir: Path) -> tuple[DataConfig, Tokenize
     return data, tokenizer
 
 
-def _train_one(config: RunConfig, progress: Any) -> dict[str, Any]:
-    """Worker: train one run, reporting each step on the ``progress`` queue."""
+def _train_one(config: RunConfig, send: Callable[[int], None]) -> dict[str, Any]:
+    """Worker: train one run, sending 1 for each step (the parent's progress bar counts them)."""
     from memlayers.train.trainer import Trainer
 
-    trainer = Trainer(config)
-    return trainer.fit(progress=False, on_step=lambda step: progress.put(1))
+    return Trainer(config).fit(progress=False, on_step=lambda step: send(1))
 
 
 def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
-    """Train every run (``workers`` at a time) and return their summaries in order."""
+    """Train every run (``workers`` at a time, each in its own process) and return their summaries in order.
+
+    A run that fails stops the others and is named in the error; SIGINT or
+    SIGTERM stop them all (``memlayers.procs.run_all``).
+    """
     total = sum(run.config.train.steps for run in runs)
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-        progress = manager.Queue()
-        # the costliest runs first, so that no worker is left with a long run at the end
-        cost = {id(run): count_flops(run.config.model).total * run.config.train.steps for run in runs}
-        submitted = {id(run): pool.submit(_train_one, run.config, progress) for run in sorted(runs, key=lambda r: -cost[id(r)])}
-        futures: list[Future] = [submitted[id(run)] for run in runs]
-        with tqdm(total=total, unit="step", desc="demo", dynamic_ncols=True) as bar:
-            while not all(f.done() for f in futures) or not progress.empty():
-                try:
-                    bar.update(progress.get(timeout=0.5))
-                except queue.Empty:
-                    pass
-                done = [run.name for run, f in zip(runs, futures, strict=True) if f.done()]
-                bar.set_postfix_str(f"{len(done)}/{len(runs)} runs done")
-        return [f.result() for f in futures]
+    # the costliest runs first, so that no worker is left with a long run at the end
+    order = sorted(range(len(runs)), key=lambda i: -count_flops(runs[i].config.model).total * runs[i].config.train.steps)
+    jobs = [(runs[i].name, (runs[i].config,)) for i in order]
+    steps = {run.name: 0 for run in runs}
+    with tqdm(total=total, unit="step", desc="demo", dynamic_ncols=True) as bar:
+
+        def on_step(name: str, n: int) -> None:
+            steps[name] += n
+            bar.update(n)
+            done = sum(steps[run.name] == run.config.train.steps for run in runs)
+            bar.set_postfix_str(f"{done}/{len(runs)} runs trained")
+
+        summaries = run_all(_train_one, jobs, workers, on_step)
+    by_run = dict(zip(order, summaries, strict=True))
+    return [by_run[i] for i in range(len(runs))]
 
 
 def run_demo(quick: bool = False, out_dir: str | Path = "demo_out", overrides: list[str] = (),

@@ -35,6 +35,8 @@ def collective(what: str) -> Iterator[None]:
     """Turn a collective's backend error into one line that says what happened and what to do."""
     try:
         yield
+    except PeerLostError:
+        raise
     except (RuntimeError, dist.DistBackendError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PeerLostError(

@@ -96,6 +96,7 @@ def manifest(staging: Path) -> dict[str, list]:
 
 def write_state(staging: Path, state: dict[str, Any], step: int) -> None:
     """Write ``state.json`` with a checksum of its own contents, so that a damaged one is refused."""
+    state = {k: v for k, v in state.items() if k != "checksum"}
     body = json.dumps(state, sort_keys=True)
     state = {**state, "checksum": hashlib.sha256(body.encode()).hexdigest()}
     (staging / "state.json").write_text(json.dumps(state, indent=2))

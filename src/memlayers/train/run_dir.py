@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memlayers.config import ConfigError
+from memlayers.model.accounting import count_parameters
+from memlayers.model.config import ModelConfig
 from memlayers.train.checkpoint_write import STEP_DIR, checkpoint_root
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "data", "checkpoints", "tensorboard")
@@ -86,6 +90,35 @@ def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
             os.replace(path, aside / path.name)
             moved.append(aside / path.name)
     return moved
+
+
+def machine_bytes(device: torch.device) -> int:
+    """Memory of the device a run trains on: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(model: ModelConfig, batch_size: int, seq_len: int, device: torch.device, world: int = 1) -> None:
+    """Refuse (ConfigError) a run whose model and batch cannot fit in memory, before allocating it.
+
+    A lower bound: fp32 weights, gradients and two AdamW moments (16 bytes per
+    parameter, split over the ranks), rotary tables, and per layer a few
+    activations of the batch plus the logits. A run this refuses would fail
+    allocating (or be killed by the OOM killer half-way through).
+    """
+    params = count_parameters(model).total
+    tokens = batch_size * seq_len
+    need = 16 * params // world + 16 * model.max_seq_len * model.head_dim
+    need += 4 * tokens * (8 * model.dim * model.n_layers + 3 * model.vocab_size)
+    have = machine_bytes(device)
+    if need > have:
+        raise ConfigError(
+            "model",
+            f"this run needs at least {need / 2**30:,.1f} GiB ({params:,} parameters, batch of {tokens:,} tokens) "
+            f"and the {device.type} has {have / 2**30:,.1f} GiB: lower model.dim, model.n_layers, "
+            "model.memory.n_keys, model.max_seq_len or train.batch_size, or spread it over more ranks",
+        )
 
 
 def file_fingerprint(path: str | Path | None) -> str | None:

@@ -178,7 +178,7 @@ def _model_and_optimizer(state: dict[str, Any]):
 
 def _run_state(state: dict[str, Any]) -> dict[str, Any]:
     """The parts of ``state.json`` that describe the run (not the file format)."""
-    return {k: v for k, v in state.items() if k not in ("format", "version", "sharded", "world_size", "step", "optimizer", "tied")}
+    return {k: v for k, v in state.items() if k not in ("format", "version", "sharded", "world_size", "step", "optimizer", "tied", "files", "checksum")}
 
 
 def export_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:

@@ -51,6 +51,7 @@ from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import (
     Checkpoint,
+    check_files,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -64,6 +65,7 @@ from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
 from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor, uses_row_grads
 from memlayers.train.run_dir import (
+    check_fits,
     check_fresh,
     check_resume,
     file_fingerprint,
@@ -183,6 +185,7 @@ class Trainer:
         if resume:
             resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
             saved = read_state(resume_from)
+            check_files(resume_from, saved)  # before anything of it is used
             if self.world > 1 and not saved.get("sharded"):
                 raise TrainingError(
                     f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: "
@@ -211,7 +214,11 @@ class Trainer:
         self.external_model = model is not None
         if model is None:  # the model's vocabulary is the tokenizer's
             model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
+            if model_config.vocab_size != config.model.vocab_size:
+                self._say(f"model.vocab_size is {model_config.vocab_size}, the tokenizer's vocabulary "
+                          f"(the config said {config.model.vocab_size})")
             config = dataclasses.replace(config, model=model_config)
+            check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, self.world)
             model = Transformer(model_config)
         self.config = config
         self.fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
@@ -265,6 +272,11 @@ class Trainer:
         """A status line on stderr (rank 0 only), between progress bar updates."""
         if line and self.rank == 0:
             tqdm.write(f"memlayers: {line}", file=sys.stderr)
+
+    def lockstep(self, what: str) -> contextlib.AbstractContextManager:
+        """In a distributed run, a failed collective inside becomes one :class:`PeerLostError` line
+        naming ``what`` (FSDP's own collectives included); nothing in one process."""
+        return collective(what) if self.world > 1 else contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on GPU when precision allows, nothing otherwise."""
@@ -394,7 +406,8 @@ class Trainer:
         start, start_tokens, trained = time.perf_counter(), self.tokens_seen, 0
         try:
             while self.step < tcfg.steps:
-                metrics = self.train_step()
+                with self.lockstep(f"training step {self.step + 1}"):
+                    metrics = self.train_step()
                 trained += 1
                 elapsed = time.perf_counter() - start
                 tokens_per_s = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
@@ -406,15 +419,19 @@ class Trainer:
                     metrics.update(tokens=self.tokens_seen, tokens_per_s=tokens_per_s, **self.usage_stats())
                     self.logger.log(self.step, metrics)
                 if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps:
-                    self.logger.log(self.step, self.evaluate())
+                    with self.lockstep(f"the evaluation at step {self.step}"):
+                        self.logger.log(self.step, self.evaluate())
                 if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.steps:
-                    self.save()
+                    with self.lockstep(f"the checkpoint of step {self.step}"):
+                        self.save()
                 fault_point("step.end", self.step)
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        checkpoint = self.save()  # before the final evaluation: nothing trained is lost if it fails
-        final = self.evaluate()
+        with self.lockstep("the final checkpoint"):
+            checkpoint = self.save()  # before the final evaluation: nothing trained is lost if it fails
+        with self.lockstep("the final evaluation"):
+            final = self.evaluate()
         self.logger.log(self.step, final)
         self.logger.close()
         summary = {

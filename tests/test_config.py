@@ -11,8 +11,12 @@ from memlayers.config import (
     from_dict,
     load_config,
     load_yaml,
+    presets,
+    resolve_config_path,
     to_dict,
 )
+from memlayers.demo.ablations import AblationConfig
+from memlayers.demo.suite import DemoConfig
 from memlayers.train import RunConfig
 
 
@@ -117,3 +121,24 @@ def test_validation_errors_carry_the_full_path(tmp_path):
 def test_to_dict_round_trips():
     config = load_config(RunConfig, None, ["model.memory_layers=[0,2]", "model.memory.variant=peer"])
     assert from_dict(RunConfig, to_dict(config)) == config
+
+
+def _load_preset(name: str) -> RunConfig | DemoConfig | AblationConfig:
+    """A shipped preset as the one config class it is written for."""
+    for cls in (RunConfig, DemoConfig, AblationConfig):
+        try:
+            return load_config(cls, name)
+        except ConfigError:
+            continue
+    pytest.fail(f"preset {name} is none of RunConfig, DemoConfig, AblationConfig")
+
+
+@pytest.mark.parametrize("name", presets())
+def test_every_shipped_preset_trains_the_vocabulary_it_counts(name):
+    """A run gives its model the vocabulary of the tokenizer it trains (data.vocab_size), so a
+    preset that trains one says the same size in model.vocab_size, which `info` counts."""
+    config = _load_preset(name)
+    if isinstance(config, RunConfig):
+        assert config.data.tokenizer is not None or config.data.vocab_size == config.model.vocab_size
+    elif isinstance(config, DemoConfig):  # one top-level vocab_size; the models' is filled in from it
+        assert "vocab_size" not in load_yaml(resolve_config_path(name)).get("model", {})

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from memlayers.bench.reliability import CHECKPOINT_POINTS, SHARDED_POINTS, STEP_POINTS, crash_and_resume
+from memlayers.bench.reliability import (
+    CHECKPOINT_POINTS,
+    SHARDED_POINTS,
+    STEP_POINTS,
+    crash_and_resume,
+)
 
 
 def check(outcome) -> None:

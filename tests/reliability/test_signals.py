@@ -272,11 +272,14 @@ def train_command(tmp_path: Path, nproc: int) -> tuple[Command, Path]:
     return command, run_dir
 
 
-def assert_checkpoints_complete(run_dir: Path) -> None:
-    """step_00000001 alone is visible (2 was never renamed into place) and resumes at step 1."""
+def assert_checkpoints_complete(run_dir: Path, nproc: int = 1) -> None:
+    """step_00000001 alone is visible (2 was never renamed into place) and resumes at step 1
+    (in one process, on the same global batch)."""
     visible = [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert visible == ["step_00000001"]
-    assert Trainer(build_config(run_dir, SETTINGS), resume=run_dir / "checkpoints" / "step_00000001").step == 1
+    batch = tiny_config_dict(run_dir)["train"]["batch_size"] * nproc
+    config = build_config(run_dir, [*SETTINGS, f"train.batch_size={batch}"])
+    assert Trainer(config, resume=run_dir / "checkpoints" / "step_00000001").step == 1
 
 
 NEEDS_MAIN = pytest.mark.xfail(
@@ -311,6 +314,6 @@ def test_a_signal_to_torchrun_leaves_no_worker_and_complete_checkpoints(tmp_path
     command.process.send_signal(signum)  # the launcher alone: it signals its workers
     code = command.finish()
     assert command.orphans() == []
-    assert_checkpoints_complete(run_dir)
+    assert_checkpoints_complete(run_dir, nproc=2)
     assert tracebacks(command.stderr) == []  # the launcher reports its own signal with one; the workers none
     assert code != 0

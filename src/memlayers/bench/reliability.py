@@ -15,11 +15,13 @@ machine. Runs are the real command line (``python -m memlayers.cli``, under
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,6 +269,8 @@ def _run_inline(argv: list[str], fault: str | None = None) -> tuple[int | str, s
             return main(argv), stderr.getvalue()
     except InjectedFault:
         return "ran", stderr.getvalue()
+    except SystemExit as exit_:  # argparse's usage errors
+        return exit_.code, stderr.getvalue()
     except BaseException:  # noqa: BLE001 - any other escape is what the suite counts
         return "traceback", stderr.getvalue()
     finally:
@@ -292,6 +296,82 @@ def bad_input(work: Path, name: str, argv: list[str]) -> Outcome:
     return outcome
 
 
+def numeric_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, type]]:
+    """Every int and float key of the run config, dotted, with its type."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += numeric_keys(kind, f"{prefix}{f.name}.")
+        elif kind in (int, float, int | None, float | None):
+            keys.append((f"{prefix}{f.name}", int if kind in (int, int | None) else float))
+    return keys
+
+
+HUGE = {int: 10**12, float: 1e30}
+BAD_FILES: dict[str, bytes] = {
+    "empty.txt": b"",
+    "binary.txt": bytes(range(256)) * 64,
+    "latin-1.txt": "caf\xe9 au lait\n\nna\xefve\n".encode("latin-1"),
+    "huge-line.txt": b"word " * 400_000,
+    "missing-field.jsonl": b'{"body": "no text field"}\n',
+    "malformed.jsonl": b'{"text": "ok"}\n{not json\n',
+    "not-objects.jsonl": b"[1, 2]\n3\n",
+    "qa-missing-answer.jsonl": b'{"question": "Who?"}\n',
+    "qa-missing-question.jsonl": b'{"answer": "x"}\n',
+    "qa-not-json.jsonl": b"question? answer\n",
+    "qa-answer-not-a-string.jsonl": b'{"question": "Who?", "answer": 3}\n',
+    "tokenizer-not-json.json": b"{",
+    "tokenizer-foreign.json": b'{"vocab": 1}',
+}
+"""Files of bad input, written under ``<work>/inputs/``."""
+
+BAD_OVERRIDES: dict[str, list[str]] = {
+    **{f"train file: {n}": [f"data.train={{inputs}}/{n}"] for n in BAD_FILES if not n.startswith(("qa", "tok"))},
+    "train file: qa-shaped": ["data.train={inputs}/qa-missing-answer.jsonl"],
+    **{f"qa file: {n}": [f"data.qa={{inputs}}/{n}"] for n in BAD_FILES if n.startswith("qa") or n == "empty.txt"},
+    **{f"tokenizer: {n}": [f"data.tokenizer={{inputs}}/{n}"] for n in BAD_FILES if n.startswith("tok")},
+    "tokenizer: missing": ["data.tokenizer={inputs}/nope.json"],
+    "train file: missing": ["data.train={inputs}/nope.txt"],
+    "heldout file: missing": ["data.heldout={inputs}/nope.txt"],
+    **{f"key: {o}": [o] for o in (
+        "model.nope=1", "model.dim=abc", "train.steps=1.5", "optim.lr=fast", "train.schedule=zigzag",
+        "model.memory_layers=[9]", "train=3", "model.memory.qk_norm=maybe", "data.facts.n_people=[1]", "nodots",
+    )},
+}
+"""Named dotted overrides of the tiny run that feed it bad input (``{inputs}``: where BAD_FILES are)."""
+
+BAD_YAML = {"unclosed": "model: [unclosed", "a list": "- a list\n- at the top", "bad indent": "model:\n  dim: 32\n dim: 3",
+            "control bytes": "\x00\x01"}
+
+
+def bad_input_cases() -> dict[str, list[str]]:
+    """Every bad-input case by name: numeric keys at 0, -1 and huge, bad files, bad keys."""
+    cases = {}
+    for key, kind in numeric_keys():
+        for number in (0, -1, HUGE[kind]):
+            cases[f"{key}={number}"] = [f"{key}={number}"]
+    return {**cases, **BAD_OVERRIDES, **{f"yaml: {name}": [] for name in BAD_YAML}}
+
+
+def run_bad_input(work: Path, name: str) -> Outcome:
+    """One case of :func:`bad_input_cases` in a fresh run directory under ``work``."""
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for file, content in BAD_FILES.items():
+        if not (inputs / file).exists():
+            (inputs / file).write_bytes(content)
+    run_dir = work / "bad" / "".join(c if c.isalnum() else "_" for c in name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    config = write_config(run_dir / "run.yaml", run_dir / "run")
+    if name.startswith("yaml: "):
+        config.write_text(BAD_YAML[name.removeprefix("yaml: ")])
+    overrides = [o.format(inputs=inputs) for o in bad_input_cases()[name]]
+    return bad_input(work, name, ["train", str(config), *overrides, f"train.out_dir={run_dir / 'run'}", "train.eval_qa=2"])
+
+
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
     """The figures of the reliability table."""
     return {
@@ -305,3 +385,56 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "checkpoints_lost": sum(o.checkpoints_lost for o in outcomes),
         "failures": [asdict(o) for o in outcomes if not o.ok],
     }
+
+
+def scenarios(quick: bool = False) -> list[tuple[str, Any]]:
+    """Every scenario of the suite as (group, callable taking the work directory)."""
+    crash = [(p, 5) for p in STEP_POINTS] + [(p, 4) for p in CHECKPOINT_POINTS]
+    sharded = [("step.start", 5)] + [(p, 4) for p in SHARDED_POINTS]
+    runs: list[tuple[str, Any]] = [
+        ("kill, 1 process", lambda w, p=p, s=s: crash_and_resume(w, p, s)) for p, s in crash
+    ]
+    for nproc in (2, 4):
+        for point, step in sharded[: 2 if quick else None]:
+            for rank in (0, nproc - 1):
+                runs.append((f"kill, {nproc} ranks",
+                             lambda w, p=point, s=step, n=nproc, r=rank: crash_and_resume(w, p, s, nproc=n, rank=r)))
+    runs.append(("hang, 2 ranks", lambda w: crash_and_resume(w, "step.start", 5, nproc=2, rank=1, action="hang")))
+    for sharded_ in (False, True):
+        files = ("state.json", "tokenizer.json", "shards/shard-00001-model-00001-of-00001.safetensors") if sharded_ \
+            else CHECKPOINT_FILES
+        for file in files:
+            for how in ("flip", "truncate", "delete"):
+                runs.append((f"damaged {'sharded' if sharded_ else 'single'} checkpoint",
+                             lambda w, s=sharded_, f=file, h=how: damaged_checkpoint(w, s, f, h)))
+    names = list(bad_input_cases())
+    runs += [("bad input", lambda w, n=n: run_bad_input(w, n)) for n in (names[::10] if quick else names)]
+    return runs
+
+
+def run_reliability(work: Path, quick: bool = False) -> dict[str, Any]:
+    """Run every scenario (a progress bar), return the figures per group and in all."""
+    from tqdm import tqdm
+
+    outcomes: dict[str, list[Outcome]] = {}
+    for group, scenario in tqdm(scenarios(quick), unit="scenario", dynamic_ncols=True):
+        try:
+            outcome = scenario(work)
+        except Exception as error:  # noqa: BLE001 - a scenario that breaks is a failed scenario
+            outcome = Outcome(group, ok=False, detail=f"scenario raised {type(error).__name__}: {error}", crashes=1)
+        outcomes.setdefault(group, []).append(outcome)
+    every = [o for group in outcomes.values() for o in group]
+    return {"groups": {g: summarize(o) for g, o in outcomes.items()}, "total": summarize(every), "quick": quick}
+
+
+def render_reliability(results: dict[str, Any]) -> str:
+    """The results as a markdown table (one row per group, then the total)."""
+    columns = ("scenarios", "passed", "faults_injected", "resumed_bit_exactly", "bad_inputs_tried", "crashes",
+               "tracebacks_shown", "checkpoints_lost")
+    lines = ["| scenario | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in [*results["groups"].items(), ("**total**", results["total"])]:
+        lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in columns) + " |")
+    for failure in results["total"]["failures"]:
+        lines.append(f"\nFAILED {failure['scenario']}: {failure['detail']}")
+    return "\n".join(lines)

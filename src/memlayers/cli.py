@@ -10,6 +10,19 @@ from pathlib import Path
 from memlayers.config import ConfigError, load_config, to_dict
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or ``memlayers.__version__`` in a bare source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("memlayers")
+    except PackageNotFoundError:
+        import memlayers
+
+        return memlayers.__version__
+
+
 def _human(n: float) -> str:
     """1234567 -> '1.23M'."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -43,6 +56,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"embedding {_human(params.embedding)}, active/token {_human(params.active)}")
     print(f"FLOPs/token  {_human(flops.total)} forward: matmul {_human(flops.matmul)}, attention {_human(flops.attention)}, "
           f"key search {_human(flops.key_search)}, value read {_human(flops.value_read)}")
+    data = config.data
+    source = f"that of data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.vocab_size={data.vocab_size} when it trains one"
+    print(f"vocab        {model.vocab_size} (model.vocab_size; a run uses its tokenizer's vocabulary: {source})")
     return 0
 
 
@@ -66,14 +82,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Factual QA (exact match, answer NLL) and held-out perplexity of a checkpoint."""
     from memlayers.data.packing import pack_documents
     from memlayers.data.text import read_documents, read_qa
+    from memlayers.device import pick_device
     from memlayers.eval.perplexity import evaluate_perplexity
     from memlayers.eval.qa import evaluate_qa
     from memlayers.train.pretrained import load_pretrained
-    from memlayers.train.trainer import pick_device
 
     if args.qa is None and args.text is None:
         raise ConfigError("", "give --qa FILE and/or --text FILE to evaluate")
-    model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device))
+    model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
     results: dict[str, float] = {}
     predictions = []
     if args.qa is not None:
@@ -100,11 +116,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Print the prompt's continuation."""
     import torch
 
+    from memlayers.device import pick_device
     from memlayers.eval.generate import generate
     from memlayers.train.pretrained import load_pretrained
-    from memlayers.train.trainer import pick_device
 
-    model, tokenizer, _ = load_pretrained(args.checkpoint, pick_device(args.device))
+    model, tokenizer, _ = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
     ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None)
     generator = torch.Generator().manual_seed(args.seed)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -187,11 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Kernel, step and memory benchmarks: a markdown table on stdout, JSON to ``--out``."""
     from memlayers.bench import NAMES, render, run
 
-    names = tuple(args.names) or NAMES
-    unknown = sorted(set(names) - set(NAMES))
-    if unknown:
-        raise ConfigError("", f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
-    results = run(names, device=args.device, quick=args.quick, repeat=args.repeat)
+    results = run(tuple(args.names) or NAMES, device=args.device, quick=args.quick, repeat=args.repeat)
     print(render(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``memlayers`` command."""
     parser = argparse.ArgumentParser(prog="memlayers", description="Language models with product-key memory layers.")
+    parser.add_argument("--version", action="version", version=f"memlayers {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter and FLOP counts of a config")
@@ -306,28 +319,40 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: a config, data, checkpoint or training problem is one line on stderr, exit 2."""
+def _run(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; a problem of the input is one line on stderr, exit 2."""
     from memlayers.data.text import DataError
+    from memlayers.distributed import PeerLostError
     from memlayers.train.checkpoint import CheckpointError
     from memlayers.train.trainer import TrainingError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    labels = {
+        ConfigError: "config error",
+        DataError: "data error",
+        CheckpointError: "checkpoint error",
+        TrainingError: "training stopped",
+        PeerLostError: "distributed error",
+    }
     if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, options included
         args = argparse.Namespace(func=cmd_lm_eval, harness_args=argv[1:])
     else:
         args = _parse(build_parser(), argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"memlayers: config error: {error}", file=sys.stderr)
-    except DataError as error:
-        print(f"memlayers: data error: {error}", file=sys.stderr)
-    except CheckpointError as error:
-        print(f"memlayers: checkpoint error: {error}", file=sys.stderr)
-    except TrainingError as error:
-        print(f"memlayers: training stopped: {error}", file=sys.stderr)
-    return 2
+    except tuple(labels) as error:
+        label = next(label for kind, label in labels.items() if isinstance(error, kind))
+        print(f"memlayers: {label}: {error}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a config, data, checkpoint, training or distributed problem is one
+    line on stderr with exit code 2; Ctrl-C is ``memlayers: interrupted``, exit 130."""
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print("memlayers: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

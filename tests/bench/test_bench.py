@@ -4,6 +4,7 @@ the measured configurations must hold (no timing thresholds: timing belongs to t
 import json
 
 import pytest
+import torch
 
 from memlayers import bench
 from memlayers.cli import main
@@ -63,3 +64,14 @@ def test_cli_writes_json_and_renders_tables(tmp_path, capsys):
 def test_unknown_benchmark_is_a_config_error(capsys):
     assert main(["bench", "speed"]) == 2
     assert "unknown benchmark(s) ['speed']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device: cuda asked for, but no CUDA device is available; use cpu"),
+    ("gpu", "--device: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_the_machine_lacks_is_a_config_error(monkeypatch, capsys, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "bag", "--quick", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err == f"memlayers: config error: {message}\n"

@@ -236,6 +236,14 @@ def test_bad_model_arguments_raise_one_line_errors(tmp_path: Path, ckpt: Path):
     assert MemlayersLM(checkpoint=str(ckpt), batch_size="4").batch_size == 4
 
 
+def test_a_device_the_machine_lacks_names_the_model_argument(monkeypatch: pytest.MonkeyPatch, ckpt: Path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device: cuda asked for, but no CUDA device is available; use cpu$"):
+        MemlayersLM(checkpoint=str(ckpt), device="cuda")
+    with pytest.raises(ConfigError, match=r"^device: unknown device 'gpu'"):
+        MemlayersLM(checkpoint=str(ckpt), device="gpu")
+
+
 def test_fact_task_reads_demo_questions_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     task = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load([TASK_NAME])["tasks"][TASK_NAME]
@@ -279,6 +287,52 @@ def test_memlayers_lm_eval_command_writes_results(ckpt: Path, loaded, mixed_qa: 
     results = json.loads(results_file.read_text())
     assert results["results"][TASK_NAME]["exact_match,none"] == pytest.approx(reference.exact_match)
     assert results["config"]["memlayers_checkpoint"] == str(ckpt)
+
+
+_LIST = "`memlayers lm-eval ls tasks` lists them"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--model_args", "checkpoint=run", "--tasks", "no_such_task"],
+     f"config error: --tasks: unknown task(s) no_such_task; {_LIST}"),
+    (["--model_args", "checkpoint=run", "--tasks", f"{TASK_NAME},nosuch"],
+     f"config error: --tasks: unknown task(s) nosuch; {_LIST}"),
+    (["--model_args", "checkpoint=run", "--tasks", TASK_NAME, "nosuch", "other"],
+     f"config error: --tasks: unknown task(s) nosuch, other; {_LIST}"),
+    (["--model_args", "checkpoint=run"], f"config error: --tasks: no task given; pass --tasks NAME ({_LIST})"),
+    (["--model_args", "checkpoint=run,device=cpu", "--tasks", TASK_NAME],
+     "config error: --model_args: device=cpu clashes with lm-eval's own --device, which it passes to every model; "
+     "give --device cpu instead"),
+    (["--model_args", "checkpoint=run", "batch_size=8", "--tasks", TASK_NAME],
+     "config error: --model_args: batch_size=8 clashes with lm-eval's own --batch_size, which it passes to every "
+     "model; give --batch_size 8 instead"),
+    (["--model_args", '{"checkpoint": "run", "device": "cuda"}', "--tasks", TASK_NAME],
+     "config error: --model_args: device=cuda clashes with lm-eval's own --device, which it passes to every model; "
+     "give --device cuda instead"),
+    (["--tasks", TASK_NAME], "checkpoint error: no checkpoint given; pass model_args checkpoint=PATH "
+     "(a checkpoint or run directory)"),
+    (["--model_args", "checkpoint=no_such_run", "--tasks", TASK_NAME], "checkpoint error: no checkpoint at no_such_run"),
+])
+def test_memlayers_lm_eval_input_errors_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, args: list[str], line: str
+):
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", _OwnTasksOnly)
+    monkeypatch.chdir(tmp_path)  # where no_such_run is missing
+    assert main(["lm-eval", "--model", "memlayers", *args]) == 2
+    err = capsys.readouterr().err  # lm-eval's own log lines come first
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"memlayers: {line}")
+
+
+def test_memlayers_lm_eval_names_an_unknown_model(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", _OwnTasksOnly)
+    assert main(["lm-eval", "--model", "nosuch", "--tasks", TASK_NAME, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "memlayers: config error: --model: unknown model 'nosuch'; use --model memlayers --model_args checkpoint=PATH, "
+        "or --model hf --model_args pretrained=DIR for a directory of `memlayers export`"
+    )
 
 
 def test_exported_model_scores_the_same_in_lm_evals_own_hf_model(lm: MemlayersLM, ckpt: Path, tiny_run: Path, tmp_path: Path):

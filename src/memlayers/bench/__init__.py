@@ -14,7 +14,9 @@ from memlayers.bench.bag import BagShape, bench_bag_bandwidth, bench_bag_ratio
 from memlayers.bench.memory import MemoryShape, bench_memory
 from memlayers.bench.report import render
 from memlayers.bench.step import StepShape, bench_step
-from memlayers.bench.timing import environment, pick_device
+from memlayers.bench.timing import environment
+from memlayers.config import ConfigError
+from memlayers.device import pick_device
 
 NAMES = ("bag", "step", "memory", "bandwidth")
 QUICK = {
@@ -25,11 +27,15 @@ QUICK = {
 
 
 def run(names: tuple[str, ...] = NAMES, device: str = "auto", quick: bool = False, repeat: int = 5) -> dict:
-    """Run the named benchmarks; ``bandwidth`` is skipped without a GPU."""
+    """Run the named benchmarks; ``bandwidth`` is skipped without a GPU.
+
+    An unknown name, or a device this machine does not have (``device`` is
+    ``--device`` of ``memlayers bench``), raises :class:`ConfigError`.
+    """
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
-    dev = pick_device(device)
+        raise ConfigError("", f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
+    dev = pick_device(device, "--device")
     results: dict = {"environment": environment(dev), "quick": quick}
 
     def shape(key, default):

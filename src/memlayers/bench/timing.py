@@ -48,13 +48,6 @@ def environment(device: torch.device) -> dict[str, str]:
     return {"date": date.today().isoformat(), "device": device_name(device), "torch": torch.__version__}
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of ``rows`` (floats to 3 significant digits)."""
 

@@ -69,7 +69,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if dense is None or not memory:
         return []
     largest = memory[-1]
-    ratio = largest["qa_em"] / dense["qa_em"] if dense["qa_em"] > 0 else float("inf")
+    ratio = f"**{largest['qa_em'] / dense['qa_em']:.2f}x**" if dense["qa_em"] > 0 else "n/a (dense 0%)"
     rising = all(a["qa_em"] <= b["qa_em"] for a, b in itertools.pairwise(memory))
     flops = max(abs(r["flops_per_token"] / dense["flops_per_token"] - 1) for r in memory)
     others = [
@@ -79,7 +79,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     ]
     return [
         f"- Largest memory ({largest['name']}) exact match {largest['qa_em']:.1%} vs dense {dense['qa_em']:.1%}: "
-        f"**{ratio:.2f}x**.",
+        f"{ratio}.",
         *([f"- Against the other baselines: {', '.join(others)}."] if others else []),
         f"- Exact match {'rises' if rising else 'does not rise monotonically'} with memory size: "
         + ", ".join(f"{r['name']} {r['qa_em']:.1%}" for r in memory) + ".",

@@ -18,6 +18,7 @@ line on ``ARGS``::
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,21 @@ QA_FILE = TASKS_DIR / TASK_NAME / "qa.jsonl"
 
 _COMMANDS = ("run", "ls", "validate")
 """lm-eval's subcommands; each takes ``--include_path``."""
+
+_LIST_TASKS = "`memlayers lm-eval ls tasks` lists them"
+
+_KNOWN_ERRORS = (
+    (re.compile(r"Tasks not found: (.+)"), "--tasks", "unknown task(s) {}; " + _LIST_TASKS),
+    (re.compile(r"No tasks specified"), "--tasks", "no task given; pass --tasks NAME (" + _LIST_TASKS + ")"),
+    (re.compile(r"Attempted to load model '(.+?)'"), "--model",
+     "unknown model {!r}; use --model memlayers --model_args checkpoint=PATH, "
+     "or --model hf --model_args pretrained=DIR for a directory of `memlayers export`"),
+)
+"""lm-eval's ``ValueError`` messages for input a user easily gets wrong, each with
+the option to blame and memlayers' one line (``{}`` is the message's group)."""
+
+_SHARED_OPTIONS = ("device", "batch_size")
+"""Model arguments lm-eval's command line passes to every model from its own options."""
 
 
 def load_fact_qa(qa_file: str | None = None, **_task_metadata: Any) -> Any:
@@ -113,26 +129,59 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
+def _check_model_args(model_args: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a model argument lm-eval's command line also
+    passes from its own option (the model would get it twice and fail)."""
+    for key in _SHARED_OPTIONS:
+        if key in model_args:
+            raise ConfigError(
+                "--model_args",
+                f"{key}={model_args[key]} clashes with lm-eval's own --{key}, which it passes to every model; "
+                f"give --{key} {model_args[key]} instead",
+            )
+
+
+def _known_error(error: ValueError) -> ConfigError | None:
+    """memlayers' one-line :class:`ConfigError` for an lm-eval error in :data:`_KNOWN_ERRORS`, else None."""
+    for pattern, key, message in _KNOWN_ERRORS:
+        match = pattern.search(str(error))
+        if match:
+            return ConfigError(key, message.format(*match.groups()))
+    return None
+
+
 def run_harness(argv: list[str]) -> int:
     """Run lm-eval's command line in this process on ``argv``, as ``lm_eval ARGV`` would; returns its exit status.
 
     The ``memlayers`` model is registered (and memlayers' transformers
     classes, for ``--model hf --model_args pretrained=EXPORTED_DIR``) and
     ``argv`` goes through :func:`harness_argv` first. lm-eval reads ``sys.argv``, which is set for
-    the call and restored afterwards. Errors of memlayers (a bad checkpoint,
-    a bad question file) propagate as their exceptions.
+    the call and restored afterwards. An unknown task or model, no task, or
+    ``device``/``batch_size`` in ``--model_args`` raise :class:`ConfigError`;
+    errors of memlayers (a bad checkpoint, a bad question file) propagate as
+    their exceptions.
     """
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     import memlayers.integrations.hf  # noqa: F401  (lm-eval's `hf` model can then load exported directories)
     import memlayers.integrations.lm_eval.model  # noqa: F401  (registers the model)
 
     saved = sys.argv
     sys.argv = ["lm_eval", *harness_argv(argv)]
-    try:
-        cli_evaluate()
+    try:  # what lm-eval's own entry point (lm_eval.__main__.cli_evaluate) does, with a check between
+        setup_logging()
+        cli = HarnessCLI()
+        args = cli.parse_args()
+        _check_model_args(getattr(args, "model_args", None) or {})
+        cli.execute(args)
     except SystemExit as exit_:
         return _exit_code(exit_.code)
+    except ValueError as error:
+        known = _known_error(error)
+        if known is None:
+            raise
+        raise known from None
     finally:
         sys.argv = saved
     return 0

@@ -30,11 +30,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from memlayers.config import ConfigError
+from memlayers.device import pick_device
 from memlayers.eval.generate import generate, length_buckets
 from memlayers.eval.loglikelihood import score_continuations
 from memlayers.train.checkpoint import CheckpointError, resolve_checkpoint
 from memlayers.train.pretrained import load_pretrained
-from memlayers.train.trainer import TrainingError, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,11 @@ class MemlayersLM(TemplateLM):
     default), ``max_gen_toks`` (new tokens per generation unless a task says
     otherwise, default 256) and ``seed`` (of the generator used when a task
     samples, default 1234). ``max_batch_size``, which lm-eval passes to every
-    model, is ignored. A missing or unreadable checkpoint raises memlayers'
-    :class:`~memlayers.train.checkpoint.CheckpointError`.
+    model, is ignored. On lm-eval's command line ``device`` and ``batch_size``
+    are its ``--device`` and ``--batch_size`` options, which it passes to every
+    model. A missing or unreadable checkpoint raises memlayers'
+    :class:`~memlayers.train.checkpoint.CheckpointError`, a device this machine
+    does not have a :class:`~memlayers.config.ConfigError`.
     """
 
     def __init__(
@@ -90,10 +93,7 @@ class MemlayersLM(TemplateLM):
             raise CheckpointError(
                 "no checkpoint given; pass model_args checkpoint=PATH (a checkpoint or run directory)"
             )
-        try:
-            self._device = pick_device(device or "auto")
-        except TrainingError:
-            raise ConfigError("device", f"{device} asked for, but no CUDA device is available; use cpu or auto") from None
+        self._device = pick_device(device or "auto", "device")
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.model, self.tokenizer, _ = load_pretrained(self.checkpoint, self._device)
         self.batch_size = _batch_size(batch_size)

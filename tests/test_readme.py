@@ -1,8 +1,12 @@
 """The README's Python example runs and does what its comments say."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -50,3 +54,22 @@ def test_readme_retrofit_example_keeps_outputs_and_saves_the_memory(tmp_path, mo
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llama-memory")
     assert type(loaded) is type(llama)
     assert torch.equal(loaded(scope["x"]).logits, scope["before"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_readme_distributed_example_trains_under_torchrun_on_two_gloo_ranks(tmp_path):
+    script = tmp_path / "train_mp.py"
+    script.write_text(next(block for block in readme_examples() if "init_distributed()" in block))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = re.findall(r"rank (\d) step (\d) loss ([\d.]+)", run.stdout)
+    for rank in "01":
+        losses = [float(loss) for r, _, loss in printed if r == rank]
+        assert len(losses) == 5
+        assert losses[-1] < losses[0]  # both ranks' models learn their own batch

@@ -138,7 +138,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.ablations:
         from memlayers.demo.ablations import run_ablations
 
-        run_ablations(args.ablations, args.out)
+        if args.quick or args.preset:
+            raise ConfigError("", "--quick and --preset do not apply to --ablations: the ablation file "
+                              "names its preset; change it there or with dotted overrides")
+        run_ablations(args.ablations, args.out, overrides=args.overrides)
         print((Path(args.out) / "ablations.md").read_text())
         return 0
     results = run_demo(quick=args.quick, out_dir=args.out, overrides=args.overrides, preset=args.preset)
@@ -255,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="dense vs memory sizes vs MoE vs 4x dense on a synthetic fact world")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset, e.g. train.steps=200")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset, e.g. train.steps=200 "
+                      "(with --ablations: of the file's preset, after its demo_overrides, for every variant)")
     demo.add_argument("--quick", action="store_true", help="the smaller preset (under 5 minutes on 2 cores)")
     demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     demo.add_argument("--preset", help="a demo YAML instead of configs/demo.yaml")

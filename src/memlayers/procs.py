@@ -98,7 +98,7 @@ def _child(fn: Callable[..., Any], args: tuple, conn: Connection) -> None:
 
 
 def _how_it_ended(exitcode: int) -> str:
-    """'killed by SIGKILL' or 'exited with code 3'."""
+    """'its process was killed by SIGKILL' or 'its process exited with code 3 without a result'."""
     if exitcode < 0:
         return f"its process was killed by {signal.Signals(-exitcode).name}"
     return f"its process exited with code {exitcode} without a result"

@@ -282,18 +282,11 @@ def assert_checkpoints_complete(run_dir: Path, nproc: int = 1) -> None:
     assert Trainer(config, resume=run_dir / "checkpoints" / "step_00000001").step == 1
 
 
-NEEDS_MAIN = pytest.mark.xfail(
-    strict=True,
-    reason="memlayers.cli.main must run commands inside memlayers.procs.interruptible(), so that SIGTERM, "
-    "like Ctrl-C, ends with `memlayers: interrupted` and exit 143 (today the process dies silently of it)",
-)
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum",
-    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=NEEDS_MAIN)],
+    [signal.SIGINT, signal.SIGTERM],
     ids=["SIGINT", "SIGTERM"],
 )
 def test_a_signal_stops_train_with_its_checkpoints_complete(tmp_path, signum):

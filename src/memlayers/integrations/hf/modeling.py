@@ -16,6 +16,7 @@ Transformer a view of it with the interface of memlayers' own ``KVCache``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,6 +35,10 @@ from memlayers.model.attention import rope_tables
 from memlayers.model.config import ModelConfig
 from memlayers.model.transformer import Transformer
 
+# transformers 5.24 renamed the cache argument of forward() and the output field from
+# ``past_key_values`` to ``cache``; earlier 5.x releases pass and read ``past_key_values``
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
 
 class MemlayersConfig(PretrainedConfig):
     """A transformers config for a memlayers decoder LM.
@@ -46,7 +51,7 @@ class MemlayersConfig(PretrainedConfig):
     """
 
     model_type = "memlayers"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_FIELD]
 
     memlayers: dict | None = None
     memlayers_run: dict | None = None
@@ -115,7 +120,7 @@ class MemlayersPreTrainedModel(PreTrainedModel):
 class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
     """A memlayers :class:`Transformer` behind the transformers causal-LM interface.
 
-    ``forward(input_ids, labels=..., past_key_values=...)`` returns
+    ``forward(input_ids, labels=..., cache=...)`` returns
     ``CausalLMOutputWithPast``; ``labels`` follow the transformers convention
     (same shape as ``input_ids``, shifted inside, ``-100`` ignored). An
     ``attention_mask`` with zeros marks padding: pad prompts on the left
@@ -161,29 +166,34 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits for ``input_ids`` ``(B, T)`` after the cached positions; loss with ``labels``."""
+        """Logits for ``input_ids`` ``(B, T)`` after the cached positions; loss with ``labels``.
+
+        ``cache`` is the transformers cache (``past_key_values`` before transformers 5.24).
+        """
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing hidden: the plain causal path
+        cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = _CacheView(past_key_values) if use_cache else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
         targets = None
         if labels is not None:
             targets = torch.full_like(labels, -100)  # (B, T): position t predicts token t + 1
             targets[:, :-1] = labels[:, 1:]
-        out = self.model(input_ids, targets, cache=cache, attention_mask=attention_mask)
+        view = _CacheView(cache) if use_cache else None
+        out = self.model(input_ids, targets, cache=view, attention_mask=attention_mask)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(
             loss=out.loss,
             logits=out.logits[:, keep],  # (B, kept, vocab)
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
 

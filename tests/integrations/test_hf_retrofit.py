@@ -138,27 +138,57 @@ def test_adapter_matches_the_model_and_continues_through_a_memlayers_cache():
     torch.testing.assert_close(adapter(x, targets).loss, expected)
 
 
-def test_train_memory_moves_only_the_memory(tiny_run, tmp_path):
+def test_train_memory_moves_only_the_memory_and_reads_the_model_s_own_tokenizer(tiny_run, tmp_path):
     from memlayers.data.tokenizer import Tokenizer
 
     from .conftest import build_config
 
     tokenizer = Tokenizer.load(tiny_run / "tokenizer.json")
-    model = tiny_model("llama", vocab_size=tokenizer.vocab_size)
+    tiny_model("llama", vocab_size=tokenizer.vocab_size).save_pretrained(tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     add_memory(model, layers=[1], memory=MEMORY, mode="parallel")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trained_names = set(memory_parameters(model))
+    # no data.tokenizer: the one beside the model is used, not a fresh one of data.vocab_size=400 tokens
     config = build_config(tmp_path / "run", [
-        "train.steps=4", f"data.tokenizer={tiny_run / 'tokenizer.json'}", f"data.train={tiny_run / 'data' / 'train.jsonl'}",
-        f"data.qa={tiny_run / 'data' / 'qa.jsonl'}", "train.eval_qa=3",
+        "train.steps=4", f"data.train={tiny_run / 'data' / 'train.jsonl'}", f"data.qa={tiny_run / 'data' / 'qa.jsonl'}",
+        "train.eval_qa=3", "data.vocab_size=400",
     ])
     summary = train_memory(model, config)
     assert summary["step"] == 4 and (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    assert Tokenizer.load(tmp_path / "run").backend.get_vocab() == tokenizer.backend.get_vocab()
     assert summary["trained_params"] == sum(p.numel() for p in memory_parameters(model).values())
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == trained_names  # every memory parameter moved, nothing else did
     assert any("memory1/coverage" in record for record in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_train_memory_refuses_without_a_tokenizer_or_with_one_larger_than_the_model(tiny_run, tmp_path, capsys):
+    from memlayers.cli import main
+    from memlayers.data.tokenizer import Tokenizer
+
+    from .conftest import build_config
+
+    data = f"data.train={tiny_run / 'data' / 'train.jsonl'}"
+    tiny_model("llama").save_pretrained(tmp_path / "base")  # no tokenizer.json beside it
+    loaded = add_memory(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), layers=[1], memory=MEMORY)
+    with pytest.raises(ConfigError, match=rf"data.tokenizer: not set, and {tmp_path / 'base'} has no tokenizer.json"):
+        train_memory(loaded, build_config(tmp_path / "run", [data]))
+    built = add_memory(tiny_model("llama"), layers=[1], memory=MEMORY)
+    with pytest.raises(ConfigError, match="data.tokenizer: not set, and the model was not loaded from a directory"):
+        train_memory(built, build_config(tmp_path / "run", [data]))
+    vocab = Tokenizer.load(tiny_run / "tokenizer.json").vocab_size
+    assert vocab > 128  # the tiny model embeds 128 ids: the tiny run's tokenizer would index past them
+    named = build_config(tmp_path / "run", [data, f"data.tokenizer={tiny_run / 'tokenizer.json'}"])
+    with pytest.raises(ConfigError, match=f"has {vocab} tokens but the model embeds only 128"):
+        train_memory(built, named)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+    code = main(["retrofit", str(tmp_path / "base"), "--layers", "1", "--out", str(tmp_path / "out"), data])
+    assert code == 2
+    assert f"memlayers: config error: data.tokenizer: not set, and {tmp_path / 'base'} has no tokenizer.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

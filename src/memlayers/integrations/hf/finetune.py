@@ -30,6 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from memlayers.config import ConfigError
+from memlayers.data.tokenizer import FILE_NAME, Tokenizer
+from memlayers.integrations.hf.modeling import CACHE_FIELD
 from memlayers.integrations.hf.retrofit import Mode, add_memory, freeze_all_but_memory
 from memlayers.memory.layer import MemoryLayer
 from memlayers.model.attention import KVCache
@@ -65,11 +67,35 @@ class CausalLMAdapter(nn.Module):
             if cache.external is None:
                 cache.external = DynamicCache()
             past = cache.external
-        logits = self.lm(input_ids=tokens, past_key_values=past, use_cache=cache is not None).logits  # (B, T, V)
+        logits = self.lm(input_ids=tokens, use_cache=cache is not None, **{CACHE_FIELD: past}).logits  # (B, T, V)
         if cache is not None:
             cache.length += tokens.shape[1]
         loss = None if targets is None else next_token_loss(logits, targets)
         return LMOutput(logits, loss, None)
+
+
+def _with_model_tokenizer(model: PreTrainedModel, config: RunConfig) -> RunConfig:
+    """``config`` with ``data.tokenizer`` set to the model's own ``tokenizer.json`` when unset,
+    checked to give ids the model embeds (a ConfigError naming ``data.tokenizer`` otherwise)."""
+    file = config.data.tokenizer
+    if file is None:
+        model_dir = Path(model.name_or_path) if model.name_or_path else None
+        if model_dir is None or not (model_dir / FILE_NAME).is_file():
+            where = f"{model_dir} has no {FILE_NAME}" if model_dir else "the model was not loaded from a directory"
+            raise ConfigError(
+                "data.tokenizer",
+                f"not set, and {where}; set it to the tokenizer.json the model was trained with "
+                "(a tokenizer trained here would feed the model ids it never saw)",
+            )
+        file = str(model_dir / FILE_NAME)
+    vocab = Tokenizer.load(file).vocab_size
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab > rows:
+        raise ConfigError(
+            "data.tokenizer",
+            f"{file} has {vocab} tokens but the model embeds only {rows}; set it to the model's own tokenizer.json",
+        )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=file))
 
 
 def train_memory(
@@ -81,13 +107,16 @@ def train_memory(
     """Train ``model`` (retrofitted with ``add_memory``) on the run config's data; returns the trainer's summary.
 
     ``config.data`` names the user's text (``data.train``) and the model's
-    ``tokenizer.json`` (``data.tokenizer``); ``optim`` and ``train`` work as in
-    ``memlayers train`` (``optim.value_lr`` for the value pool, checkpoints
-    and ``resume`` in ``train.out_dir``). With ``freeze`` only the memory layers,
-    their pool and their gates are trained. The model is trained in place.
+    ``tokenizer.json`` (``data.tokenizer``; unset, the one in the directory the
+    model was loaded from); a tokenizer with more tokens than the model embeds
+    is refused. ``optim`` and ``train`` work as in ``memlayers train``
+    (``optim.value_lr`` for the value pool, checkpoints and ``resume`` in
+    ``train.out_dir``). With ``freeze`` only the memory layers, their pool and
+    their gates are trained. The model is trained in place.
     """
     if not any(isinstance(m, MemoryLayer) for m in model.modules()):
         raise ValueError("the model has no memory layers; call memlayers.integrations.hf.add_memory first")
+    config = _with_model_tokenizer(model, config)
     if freeze:
         freeze_all_but_memory(model)
     return Trainer(config, resume=resume, model=CausalLMAdapter(model)).fit()
@@ -114,14 +143,8 @@ def retrofit_pretrained(
         raise CheckpointError(f"{model_dir} has no config.json: give a local transformers model directory")
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     add_memory(model, layers, config.model.memory, mode)
-    summary: dict[str, Any] = {}
-    if train:
-        if config.data.tokenizer is None:
-            if not (model_dir / "tokenizer.json").is_file():
-                raise ConfigError("data.tokenizer", f"{model_dir} has no tokenizer.json; name the model's tokenizer.json")
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(model_dir / "tokenizer.json")))
-        summary = train_memory(model, config)
+    summary = train_memory(model, config) if train else {}
     model.save_pretrained(out_dir)
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+    if (model_dir / FILE_NAME).is_file() or (model_dir / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out_dir)
     return summary

@@ -1,6 +1,8 @@
 """What a new user meets first: ``--version``, the device picker's errors, and every
 failure of a command ending in one line (no traceback) with the documented exit code."""
 
+import os
+import signal
 from importlib.metadata import version
 
 import pytest
@@ -92,6 +94,24 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
 
     monkeypatch.setattr("memlayers.cli.cmd_info", interrupted)
     assert main(["info", "tiny"]) == 130
+    assert one_line(capsys) == "memlayers: interrupted"
+
+
+def test_sigterm_is_one_line_and_exit_code_143(monkeypatch, capsys):
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` sends it; Python handles it before the next line
+        return 0
+
+    def outside(signum, frame):
+        raise AssertionError("SIGTERM reached the handler outside main()")
+
+    monkeypatch.setattr("memlayers.cli.cmd_info", terminated)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        assert main(["info", "tiny"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is outside  # main() put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert one_line(capsys) == "memlayers: interrupted"
 
 

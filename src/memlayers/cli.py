@@ -351,12 +351,16 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a config, data, checkpoint, training or distributed problem is one
-    line on stderr with exit code 2; Ctrl-C is ``memlayers: interrupted``, exit 130."""
+    line on stderr with exit code 2; SIGINT (Ctrl-C) and SIGTERM are ``memlayers:
+    interrupted`` with exit code 128 + the signal's number (130, 143)."""
+    from memlayers.procs import Interrupted, interruptible
+
     try:
-        return _run(sys.argv[1:] if argv is None else list(argv))
-    except KeyboardInterrupt:
+        with interruptible():
+            return _run(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt as stop:  # Interrupted, or Ctrl-C outside the main thread
         print("memlayers: interrupted", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        return stop.exit_code if isinstance(stop, Interrupted) else 130
 
 
 if __name__ == "__main__":

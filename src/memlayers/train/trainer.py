@@ -180,27 +180,7 @@ class Trainer:
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
             self.device = pick_device(tcfg.device)
-        # every rank checks the directory before any rank writes to it, so all refuse alike
-        resume_from, saved = None, {}
-        if resume:
-            resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
-            saved = read_state(resume_from)
-            check_files(resume_from, saved)  # before anything of it is used
-            if self.world > 1 and not saved.get("sharded"):
-                raise TrainingError(
-                    f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: "
-                    f"write one with `memlayers shard {resume_from} --out {self.run_dir}`"
-                )
-        elif not overwrite:
-            check_fresh(self.run_dir)
-        if self.world > 1:
-            barrier()
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if overwrite and not resume:
-                self._say(move_aside(self.run_dir))
-            for line in recover(self.run_dir):
-                self._say(line)
+        resume_from, saved = self._open_run_dir(resume, overwrite)
         tokenizer_file = None
         if resume_from is not None and (resume_from / "tokenizer.json").is_file():
             tokenizer_file = resume_from / "tokenizer.json"
@@ -210,7 +190,6 @@ class Trainer:
             barrier()
         if self.rank > 0:
             self.data = prepare_data(config, self.run_dir, write=False)
-        # the model's vocabulary is the tokenizer's
         self.external_model = model is not None
         if model is None:  # the model's vocabulary is the tokenizer's
             model_config = dataclasses.replace(config.model, vocab_size=self.data.tokenizer.vocab_size)
@@ -221,15 +200,7 @@ class Trainer:
             check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, self.world)
             model = Transformer(model_config)
         self.config = config
-        self.fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
-        if resume_from is not None:
-            now = dict(self.fingerprints)
-            now["tokenizer"] = file_fingerprint(config.data.tokenizer) if config.data.tokenizer else saved.get(
-                "fingerprints", {}).get("tokenizer")
-            check_resume(resume_from, saved, to_dict(config), now, self.world)
-            self.fingerprints["tokenizer"] = now["tokenizer"]
-        elif config.data.tokenizer is not None:
-            self.fingerprints["tokenizer"] = file_fingerprint(config.data.tokenizer)
+        self.fingerprints = self._fingerprints(resume_from, saved)
         self.model = model.to(self.device)
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
@@ -267,6 +238,44 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.rank == 0)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+
+    def _open_run_dir(self, resume: bool | str | Path, overwrite: bool) -> tuple[Path | None, dict[str, Any]]:
+        """Check ``train.out_dir`` (a new run refuses one that holds a run, unless ``overwrite``
+        moves it aside) and clean up after crashed writers; returns the checkpoint to resume
+        from and its state. Every rank checks before any rank writes, so all refuse alike."""
+        resume_from, saved = None, {}
+        if resume:
+            resume_from = resolve_checkpoint(self.run_dir if resume is True else resume)
+            saved = read_state(resume_from)
+            check_files(resume_from, saved)  # before anything of it is used
+            if self.world > 1 and not saved.get("sharded"):
+                raise TrainingError(
+                    f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: "
+                    f"write one with `memlayers shard {resume_from} --out {self.run_dir}`"
+                )
+        elif not overwrite:
+            check_fresh(self.run_dir)
+        if self.world > 1:
+            barrier()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite and not resume:
+                self._say(move_aside(self.run_dir))
+            for line in recover(self.run_dir):
+                self._say(line)
+        return resume_from, saved
+
+    def _fingerprints(self, resume_from: Path | None, saved: dict[str, Any]) -> dict[str, str | None]:
+        """Fingerprints of the run's data and tokenizer files (saved in every checkpoint); on
+        resume, refuse a config, data or tokenizer that differs from the checkpoint's."""
+        fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
+        if self.config.data.tokenizer is not None:  # the source file, not the run's re-serialised copy
+            fingerprints["tokenizer"] = file_fingerprint(self.config.data.tokenizer)
+        elif resume_from is not None:  # the checkpoint's own tokenizer was used
+            fingerprints["tokenizer"] = saved.get("fingerprints", {}).get("tokenizer")
+        if resume_from is not None:
+            check_resume(resume_from, saved, to_dict(self.config), fingerprints, self.world)
+        return fingerprints
 
     def _say(self, line: str | None) -> None:
         """A status line on stderr (rank 0 only), between progress bar updates."""
@@ -346,7 +355,7 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, progress: bool = False) -> dict[str, float]:
         """Held-out perplexity (``train.eval_batches``) and factual QA (the first ``train.eval_qa`` pairs)."""
         tcfg = self.config.train
         results: dict[str, float] = {}
@@ -359,7 +368,7 @@ class Trainer:
                 results.update({"heldout_loss": ppl["loss"], "heldout_ppl": ppl["perplexity"]})
             if self.data.qa_pairs:
                 pairs = self.data.qa_pairs[: tcfg.eval_qa or None]
-                qa = evaluate_qa(self.model, self.data.tokenizer, pairs, batch_size=4 * tcfg.batch_size)
+                qa = evaluate_qa(self.model, self.data.tokenizer, pairs, batch_size=4 * tcfg.batch_size, progress=progress)
                 results.update({"qa_em": qa.exact_match, "answer_nll": qa.answer_nll})
         return results
 
@@ -431,7 +440,7 @@ class Trainer:
         with self.lockstep("the final checkpoint"):
             checkpoint = self.save()  # before the final evaluation: nothing trained is lost if it fails
         with self.lockstep("the final evaluation"):
-            final = self.evaluate()
+            final = self.evaluate(progress=progress)
         self.logger.log(self.step, final)
         self.logger.close()
         summary = {

@@ -12,6 +12,11 @@ from memlayers.model.config import ModelConfig
 from memlayers.train.optim import OptimConfig
 
 
+MAX_VOCAB = 1 << 22
+"""The largest tokenizer a run trains (far above any real vocabulary; the BPE trainer aborts
+the process on absurd sizes instead of raising)."""
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it is tokenised and packed.
@@ -39,7 +44,8 @@ class DataConfig:
     facts: FactWorldConfig = field(default_factory=FactWorldConfig)
 
     def __post_init__(self) -> None:
-        check(self.vocab_size >= 300, "vocab_size", f"must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        check(300 <= self.vocab_size <= MAX_VOCAB, "vocab_size",
+              f"must be in [300, {MAX_VOCAB}] (256 bytes + specials + merges), got {self.vocab_size}")
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
 
 

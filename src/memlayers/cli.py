@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from memlayers.train.trainer import Trainer
 
     config = load_config(RunConfig, args.config, args.overrides)
-    trainer = Trainer(config, resume=args.resume_from or args.resume)
+    trainer = Trainer(config, resume=args.resume_from or args.resume, overwrite=args.overwrite)
     summary = trainer.fit()
     shutdown()  # a distributed run leaves together; nothing to do in one process
     if trainer.rank == 0:
@@ -152,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """Convert between sharded (distributed) and single-process checkpoints."""
-    from memlayers.distributed.checkpoint import export_checkpoint, shard_checkpoint
+    from memlayers.train.sharded_checkpoint import export_checkpoint, shard_checkpoint
 
     convert = export_checkpoint if args.command == "consolidate" else shard_checkpoint
     print(f"wrote {convert(args.checkpoint, args.out)}")
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 train.out_dir=runs/a")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     train.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a train.out_dir that holds a run, moving that run aside (never deleted)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="factual QA and perplexity of a checkpoint")

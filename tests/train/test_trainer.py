@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from memlayers.config import ConfigError
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator
 from memlayers.data.text import DataError
+from memlayers.device import pick_device
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from memlayers.train.metrics import read_metrics
 from memlayers.train.optim import lr_factor
-from memlayers.train.trainer import Trainer, TrainingError, pick_device
+from memlayers.train.trainer import Trainer, TrainingError
 
 # Per-step values that an exactly resumed run must reproduce bit for bit.
 EXACT_KEYS = ("loss", "lr", "grad_norm", "value_grad_norm", "tokens")
@@ -364,8 +365,8 @@ def test_bad_qa_file_is_a_data_error(make_config, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_a_training_error():
-    with pytest.raises(TrainingError, match="train.device=cpu"):
+def test_cuda_without_a_gpu_is_a_config_error_naming_train_device():
+    with pytest.raises(ConfigError, match=r"^train\.device: cuda asked for, but no CUDA device is available; use cpu$"):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
 

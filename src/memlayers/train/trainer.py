@@ -33,6 +33,7 @@ from memlayers.data.facts import generate_world, world_paths, write_world
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
 from memlayers.data.text import read_documents, read_qa
 from memlayers.data.tokenizer import Tokenizer
+from memlayers.device import pick_device
 from memlayers.distributed import (
     barrier,
     build_mesh,
@@ -80,16 +81,6 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to do."""
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
-    return device
 
 
 @dataclass

@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
+from memlayers.bench.reliability import TINY_RUN
 from memlayers.cli import main
+from memlayers.config import apply_overrides
 from memlayers.data.packing import pack_documents
 from memlayers.data.text import qa_prompt, read_documents, read_qa, write_jsonl
 from memlayers.eval.perplexity import evaluate_perplexity
@@ -20,33 +22,8 @@ from memlayers.train.checkpoint import list_checkpoints
 from memlayers.train.metrics import read_metrics
 from memlayers.train.pretrained import load_pretrained
 
-TINY = {
-    "model": {
-        "dim": 32,
-        "n_layers": 2,
-        "n_heads": 2,
-        "multiple_of": 16,
-        "max_seq_len": 64,
-        "memory_layers": [1],
-        "memory": {"n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16},
-    },
-    "optim": {"lr": 1.0e-2, "value_lr": 1.0e-2},
-    "data": {
-        "vocab_size": 300,
-        "seq_len": 32,
-        "facts": {"n_people": 30, "heldout_people": 5, "bios_per_person": 1},
-    },
-    "train": {
-        "steps": 8,
-        "batch_size": 4,
-        "warmup_steps": 2,
-        "device": "cpu",
-        "threads": 1,
-        "log_every": 2,
-        "eval_qa": 10,
-        "eval_batches": 2,
-    },
-}
+# the tiny run, with a longer context, a higher lr and logging every other step
+TINY = apply_overrides(TINY_RUN, ["model.max_seq_len=64", "optim.lr=1.0e-2", "train.log_every=2"])
 
 
 @pytest.fixture(scope="module")

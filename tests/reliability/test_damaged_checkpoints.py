@@ -12,19 +12,13 @@ SHARDED_FILES = ("state.json", "tokenizer.json", "shards/shard-00001-model-00001
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
-@pytest.mark.parametrize("file", CHECKPOINT_FILES)
-def test_a_damaged_single_process_checkpoint_is_named_and_the_one_before_resumes(work, file, how):
-    assert file in checkpoint_files(work, sharded=False)
-    outcome = damaged_checkpoint(work, sharded=False, file=file, how=how)
-    assert outcome.ok, f"{outcome.scenario}: {outcome.detail}"
-    assert outcome.tracebacks == 0 and outcome.checkpoints_lost == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
-@pytest.mark.parametrize("file", SHARDED_FILES)
-def test_a_damaged_sharded_checkpoint_is_named_and_the_one_before_resumes(work, file, how):
-    assert file in checkpoint_files(work, sharded=True)
-    outcome = damaged_checkpoint(work, sharded=True, file=file, how=how)
+@pytest.mark.parametrize(
+    ("sharded", "file"),
+    [(False, f) for f in CHECKPOINT_FILES] + [(True, f) for f in SHARDED_FILES],
+    ids=[f"single-{f}" for f in CHECKPOINT_FILES] + [f"sharded-{f}" for f in SHARDED_FILES],
+)
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(work, sharded, file, how):
+    assert file in checkpoint_files(work, sharded)
+    outcome = damaged_checkpoint(work, sharded=sharded, file=file, how=how)
     assert outcome.ok, f"{outcome.scenario}: {outcome.detail}"
     assert outcome.tracebacks == 0 and outcome.checkpoints_lost == 0

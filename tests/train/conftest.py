@@ -12,43 +12,14 @@ from typing import Any
 
 import pytest
 
+from memlayers.bench.reliability import TINY_RUN
 from memlayers.config import apply_overrides, from_dict
 from memlayers.train.config import RunConfig
 
 
 def tiny_config_dict(out_dir: Path) -> dict[str, Any]:
     """A tiny model with one Memory+ layer (layer 1 of 2) on a fact world of 30 people."""
-    return {
-        "model": {
-            "dim": 32,
-            "n_layers": 2,
-            "n_heads": 2,
-            "multiple_of": 16,
-            "max_seq_len": 32,
-            "memory_layers": [1],
-            "memory": {"n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16},
-        },
-        "optim": {"lr": 3.0e-3, "value_lr": 1.0e-2},
-        "data": {
-            "vocab_size": 300,
-            "seq_len": 32,
-            "facts": {"n_people": 30, "heldout_people": 5, "bios_per_person": 1},
-        },
-        "train": {
-            "out_dir": str(out_dir),
-            "steps": 8,
-            "batch_size": 4,
-            "warmup_steps": 2,
-            "device": "cpu",
-            "threads": 1,
-            "log_every": 1,
-            "eval_every": 0,
-            "eval_qa": 10,
-            "eval_batches": 2,
-            "checkpoint_every": 0,
-            "keep_last": 2,
-        },
-    }
+    return {**TINY_RUN, "train": {**TINY_RUN["train"], "out_dir": str(out_dir)}}
 
 
 def build_config(out_dir: Path, overrides: list[str] = ()) -> RunConfig:

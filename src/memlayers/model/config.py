@@ -11,6 +11,11 @@ from memlayers.memory.config import MemoryConfig
 FFNKind = Literal["dense", "memory", "moe", "peer"]
 
 
+MAX_LAYERS = 4096
+"""A bound on depth: a model is built (and counted) layer by layer, so an absurd depth would
+hang the process instead of failing."""
+
+
 @dataclass
 class MoEConfig:
     """Token-choice top-k routed SwiGLU experts (the paper's MoE baseline)."""
@@ -63,6 +68,7 @@ class ModelConfig:
         self.moe_layers = tuple(self.moe_layers)
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.n_layers <= MAX_LAYERS, "n_layers", f"must be <= {MAX_LAYERS} (deeper than any trained model), got {self.n_layers}")
         check(self.dim % self.n_heads == 0, "n_heads", f"must divide dim={self.dim}, got {self.n_heads}")
         check(self.head_dim % 2 == 0, "n_heads", f"dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
         kv = self.kv_heads

@@ -11,7 +11,6 @@ from memlayers.distributed.parallelize import ParallelConfig
 from memlayers.model.config import ModelConfig
 from memlayers.train.optim import OptimConfig
 
-
 MAX_VOCAB = 1 << 22
 """The largest tokenizer a run trains (far above any real vocabulary; the BPE trainer aborts
 the process on absurd sizes instead of raising)."""

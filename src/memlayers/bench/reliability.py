@@ -140,31 +140,46 @@ def _settings(nproc: int) -> list[str]:
             "parallel.timeout_s=60"]
 
 
-def straight_run(work: Path, nproc: int = 1) -> dict[int, float]:
+def _train(args: list[str], nproc: int, fault: str | None, inline: bool) -> tuple[int | str, str]:
+    """``memlayers train ARGS``: in a fresh process (or under torchrun), or ``inline`` in this one."""
+    if inline:
+        return _run_inline(["train", *args], fault)
+    done = run_cli(["train", *args], nproc=nproc, fault=fault)
+    return done.returncode, done.stderr
+
+
+def straight_run(work: Path, nproc: int = 1, inline: bool = False) -> dict[int, float]:
     """The uninterrupted run every crashed-and-resumed one is compared with (once per ``work``)."""
-    run_dir = work / f"straight-{nproc}"
+    run_dir = work / f"straight-{nproc}{'-inline' if inline else ''}"
     if not (run_dir / "metrics.jsonl").exists():
-        config = write_config(work / f"straight-{nproc}.yaml", run_dir)
-        done = run_cli(["train", str(config), *_settings(nproc)], nproc=nproc)
-        if done.returncode != 0:
-            raise RuntimeError(f"the straight run failed:\n{done.stderr[-3000:]}")
+        config = write_config(run_dir.with_suffix(".yaml"), run_dir)
+        rc, stderr = _train([str(config), *_settings(nproc)], nproc, None, inline)
+        if rc != 0:
+            raise RuntimeError(f"the straight run failed:\n{stderr[-3000:]}")
     return losses(run_dir)
 
 
-def crash_and_resume(work: Path, point: str, step: int, nproc: int = 1, rank: int = 0, action: str = "kill") -> Outcome:
+def crash_and_resume(
+    work: Path, point: str, step: int, nproc: int = 1, rank: int = 0, action: str = "kill", inline: bool = False
+) -> Outcome:
     """Kill (or hang, or fail) rank ``rank`` at ``point`` of ``step``, resume with ``--resume``,
-    and compare every step's loss after resuming with the straight run's, bit for bit."""
+    and compare every step's loss after resuming with the straight run's, bit for bit.
+
+    ``inline``: one process, in this one, with ``raise`` standing in for the kill
+    (no cleanup code runs between the fault and the exception leaving ``main``).
+    """
+    action = "raise" if inline else action
     name = f"{action}@{point}:step={step}:rank={rank} nproc={nproc}"
-    expected = straight_run(work, nproc)
+    expected = straight_run(work, nproc, inline)
     run_dir = work / name.replace(" ", "_").replace(":", "_").replace("@", "_")
     shutil.rmtree(run_dir, ignore_errors=True)
     config = write_config(run_dir.with_suffix(".yaml"), run_dir)
     settings = _settings(nproc)
     if action == "hang":
         settings.append("parallel.timeout_s=10")
-    crashed = run_cli(["train", str(config), *settings], nproc=nproc, fault=f"{action}@{point}:step={step}:rank={rank}")
-    outcome = Outcome(name, ok=False, faults=1, tracebacks=our_tracebacks(crashed.stderr))
-    if crashed.returncode == 0:
+    rc, stderr = _train([str(config), *settings], nproc, f"{action}@{point}:step={step}:rank={rank}", inline)
+    outcome = Outcome(name, ok=False, faults=1, tracebacks=our_tracebacks(stderr) + int(rc == "traceback"))
+    if rc == 0:
         outcome.detail = "the fault did not stop the run"
         return outcome
     complete = list_checkpoints(run_dir)
@@ -172,10 +187,10 @@ def crash_and_resume(work: Path, point: str, step: int, nproc: int = 1, rank: in
     # a checkpoint committed before the fault must still be there
     committed_before = max((s for s in (2, 4, 6) if s < step or (s == step and point in ("checkpoint.renamed", "checkpoint.prune", "step.end"))), default=0)
     outcome.checkpoints_lost = int(newest < committed_before)
-    resumed = run_cli(["train", str(config), *_settings(nproc), "--resume"], nproc=nproc)
-    outcome.tracebacks += our_tracebacks(resumed.stderr)
-    if resumed.returncode != 0:
-        outcome.detail = f"resume failed: {resumed.stderr.strip().splitlines()[-1:]}"
+    rc, stderr = _train([str(config), *_settings(nproc), "--resume"], nproc, None, inline)
+    outcome.tracebacks += our_tracebacks(stderr) + int(rc == "traceback")
+    if rc != 0:
+        outcome.detail = f"resume failed: {stderr.strip().splitlines()[-1:]}"
         return outcome
     got = losses(run_dir)
     exact = got == expected

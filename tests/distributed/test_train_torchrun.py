@@ -138,11 +138,12 @@ def test_sharded_checkpoints_resume_on_two_and_four_ranks_and_in_one_process(tmp
 
 def test_single_process_checkpoint_shards_and_consolidates_back_unchanged(tmp_path):
     config = build_config(tmp_path / "single", ["train.steps=2", "optim.value_optimizer=row_adamw", "optim.value_state_dtype=bfloat16"])
-    original = Path(Trainer(config).fit(progress=False)["checkpoint"])
+    trainer = Trainer(config)
+    original = Path(trainer.fit(progress=False)["checkpoint"])
     sharded = shard_checkpoint(original, tmp_path / "sharded")
     assert json.loads((sharded / "state.json").read_text())["sharded"] is True
     with pytest.raises(CheckpointError, match="is a sharded checkpoint .*memlayers consolidate"):
-        load_checkpoint(sharded, Trainer(config).model)  # the single-process loader says what it is
+        load_checkpoint(sharded, trainer.model)  # the single-process loader says what it is
     back = export_checkpoint(sharded, tmp_path / "back")
     for name in ("model.safetensors", "optimizer.safetensors"):
         a, b = load_file(original / name), load_file(back / name)

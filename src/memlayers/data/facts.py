@@ -245,9 +245,9 @@ class FactWorldConfig:
             f"must be <= {max_people} (the number of distinct first-last name pairs), got {self.n_people}",
         )
         check(
-            self.bios_per_person >= 1,
+            1 <= self.bios_per_person <= 1000,
             "bios_per_person",
-            f"must be >= 1, got {self.bios_per_person}",
+            f"must be in [1, 1000] (each is a distinct phrasing of the same facts), got {self.bios_per_person}",
         )
         check(
             self.heldout_people >= 0, "heldout_people", f"must be >= 0, got {self.heldout_people}"

@@ -74,6 +74,9 @@ class ModelConfig:
         kv = self.kv_heads
         check(kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}, got {kv}")
         check(self.ffn_hidden_dim is None or self.ffn_hidden_dim >= 1, "ffn_hidden_dim", "must be >= 1 or null")
+        check(self.ffn_dim_multiplier is None or self.ffn_dim_multiplier > 0, "ffn_dim_multiplier",
+              f"must be > 0 or null, got {self.ffn_dim_multiplier}")
+        check(self.rope_theta > 0, "rope_theta", f"must be > 0 (the base of the rotary frequencies), got {self.rope_theta}")
         check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         for name in ("memory_layers", "moe_layers"):

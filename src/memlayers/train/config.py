@@ -87,7 +87,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_qa", "eval_batches", "checkpoint_every"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
+        check(self.threads is None or 1 <= self.threads <= 1024, "threads", f"must be in [1, 1024] or null, got {self.threads}")
+        check(self.grad_accum <= 1 << 16, "grad_accum", f"must be <= 65536 micro-batches per step, got {self.grad_accum}")
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",

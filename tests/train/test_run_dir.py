@@ -111,3 +111,16 @@ def test_the_cli_refuses_and_overwrites(tmp_path, capsys):
 def test_a_model_that_cannot_fit_is_refused_before_it_is_built(make_config):
     with pytest.raises(ConfigError, match=r"^model: this run needs at least .* GiB"):
         Trainer(make_config("model.dim=65536", "model.n_heads=2", "model.n_layers=64"))
+
+
+def test_resume_without_the_run_s_world_says_so_and_generates_none(make_config):
+    import shutil
+
+    from memlayers.data.text import DataError
+
+    config = make_config("train.steps=2")
+    Trainer(config).fit(progress=False)
+    shutil.rmtree(Path(config.train.out_dir) / "data")
+    with pytest.raises(DataError, match="holds no fact world: a resumed run reads the world it generated"):
+        Trainer(make_config("train.steps=4"), resume=True)
+    assert not (Path(config.train.out_dir) / "data").exists()

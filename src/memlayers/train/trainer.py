@@ -31,7 +31,7 @@ from tqdm import tqdm
 from memlayers.config import ConfigError, to_dict
 from memlayers.data.facts import generate_world, world_paths, write_world
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
-from memlayers.data.text import read_documents, read_qa
+from memlayers.data.text import DataError, read_documents, read_qa
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.device import pick_device
 from memlayers.distributed import (
@@ -110,6 +110,11 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
     if data.train is None:
         world_dir = run_dir / "data"
         files = write_world(generate_world(data.facts), world_dir) if write else world_paths(world_dir)
+        if not files["train"].is_file():
+            raise DataError(
+                f"{world_dir} holds no fact world: a resumed run reads the world it generated (never a new one); "
+                "copy the run's data/ directory there"
+            )
         train_path = files["train"]
         if heldout_path is None and data.facts.heldout_people > 0:
             heldout_path = files["heldout"]

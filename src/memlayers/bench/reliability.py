@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -409,11 +410,11 @@ def scenarios(quick: bool = False) -> list[tuple[str, Any]]:
     runs: list[tuple[str, Any]] = [
         ("kill, 1 process", lambda w, p=p, s=s: crash_and_resume(w, p, s)) for p, s in crash
     ]
-    for nproc in (2, 4):
-        for point, step in sharded[: 2 if quick else None]:
-            for rank in (0, nproc - 1):
-                runs.append((f"kill, {nproc} ranks",
-                             lambda w, p=point, s=step, n=nproc, r=rank: crash_and_resume(w, p, s, nproc=n, rank=r)))
+    for nproc, points in ((2, sharded), (4, sharded[1::2])):  # every phase on 2 ranks, every other on 4
+        for i, (point, step) in enumerate(points[: 2 if quick else None]):
+            rank = (i * (nproc - 1)) % nproc  # 0, 1, 0, ... on 2 ranks; 0, 3, 2, 1 on 4
+            runs.append((f"kill, {nproc} ranks",
+                         lambda w, p=point, s=step, n=nproc, r=rank: crash_and_resume(w, p, s, nproc=n, rank=r)))
     runs.append(("hang, 2 ranks", lambda w: crash_and_resume(w, "step.start", 5, nproc=2, rank=1, action="hang")))
     for sharded_ in (False, True):
         files = ("state.json", "tokenizer.json", "shards/shard-00001-model-00001-of-00001.safetensors") if sharded_ \
@@ -433,10 +434,12 @@ def run_reliability(work: Path, quick: bool = False) -> dict[str, Any]:
 
     outcomes: dict[str, list[Outcome]] = {}
     for group, scenario in tqdm(scenarios(quick), unit="scenario", dynamic_ncols=True):
+        start = time.perf_counter()
         try:
             outcome = scenario(work)
         except Exception as error:  # noqa: BLE001 - a scenario that breaks is a failed scenario
             outcome = Outcome(group, ok=False, detail=f"scenario raised {type(error).__name__}: {error}", crashes=1)
+        outcome.extra["seconds"] = round(time.perf_counter() - start, 2)
         outcomes.setdefault(group, []).append(outcome)
     every = [o for group in outcomes.values() for o in group]
     return {"groups": {g: summarize(o) for g, o in outcomes.items()}, "total": summarize(every), "quick": quick}

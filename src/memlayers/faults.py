@@ -13,7 +13,7 @@ of the checkpoint being written) and ``:rank=R`` (torchrun's ``RANK``; one
 process is rank 0). Actions:
 
 - ``kill``: SIGKILL itself (no cleanup, no goodbye: a power cut or the OOM killer);
-- ``hang``: sleep forever (a deadlocked or stalled rank; its peers time out);
+- ``hang``: say so on stderr, then sleep forever (a deadlocked or stalled rank; its peers time out);
 - ``raise``: raise :class:`InjectedFault` (an unexpected error mid-phase);
 - ``nan``: returned to the caller, which poisons a value (the trainer's loss).
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -88,7 +89,8 @@ def fault_point(point: str, step: int | None = None) -> str | None:
         return None
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if fault.action == "hang":
+    if fault.action == "hang":  # said first, so a test can act once the process is there
+        print(f"memlayers: fault: hanging at {point} (step {step})", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     if fault.action == "raise":

@@ -88,7 +88,7 @@ def manifest(staging: Path) -> dict[str, list]:
     """``{relative path: [bytes, sha256]}`` of every file written so far, for ``state.json``:
     a load then tells a truncated or corrupted file from a good one."""
     return {
-        str(path.relative_to(staging)): [path.stat().st_size, _sha256(path)]
+        str(path.relative_to(staging)): [path.stat().st_size, file_sha256(path)]
         for path in sorted(staging.rglob("*"))
         if path.is_file()
     }
@@ -118,7 +118,7 @@ def verify(path: Path, files: dict[str, list]) -> str | None:
             return f"file {file} is missing"
         if file.stat().st_size != size:
             return f"file {file} is truncated or overwritten ({file.stat().st_size} bytes, {size} written)"
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             return f"file {file} is corrupt (its checksum differs from the one written)"
     return None
 
@@ -196,7 +196,8 @@ def _hidden(path: Path, prefix: str) -> Path:
     return path.with_name(prefix + path.name)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

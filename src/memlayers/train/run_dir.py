@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from memlayers.config import ConfigError
 from memlayers.model.accounting import count_parameters
 from memlayers.model.config import ModelConfig
-from memlayers.train.checkpoint_write import STEP_DIR, checkpoint_root
+from memlayers.train.checkpoint_write import STEP_DIR, checkpoint_root, file_sha256
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "data", "checkpoints", "tensorboard")
 """What a run writes into its directory (what ``overwrite`` moves aside)."""
@@ -123,13 +122,7 @@ def check_fits(model: ModelConfig, batch_size: int, seq_len: int, device: torch.
 
 def file_fingerprint(path: str | Path | None) -> str | None:
     """sha256 of a file's bytes (None for no file): how a resume knows the data is the same."""
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return None if path is None else file_sha256(path)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

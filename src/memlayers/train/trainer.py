@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -131,8 +132,10 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
         tokenizer = Tokenizer.load(data.tokenizer)
     else:
         tokenizer = Tokenizer.train(documents, data.vocab_size)
-    if write or (tokenizer_file is not None and file_fingerprint(tokenizer_file) != _fingerprint_or_none(tokenizer_path)):
+    if write:
         tokenizer.save(tokenizer_path)
+    elif tokenizer_file is not None:  # the checkpoint's copy, byte for byte
+        shutil.copyfile(tokenizer_file, tokenizer_path)
 
     def pack(docs: list[str]) -> torch.Tensor:
         return pack_documents(tokenizer.encode_batch(docs), data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
@@ -142,10 +145,6 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
     files = {"train": Path(train_path), "heldout": heldout_path and Path(heldout_path), "qa": qa_path and Path(qa_path),
              "tokenizer": tokenizer_path}
     return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_pairs, files)
-
-
-def _fingerprint_or_none(path: Path) -> str | None:
-    return file_fingerprint(path) if path.is_file() else None
 
 
 class Trainer:

@@ -4,7 +4,6 @@ import json
 
 from memlayers.cli import main
 from memlayers.config import load_config
-from memlayers.demo.report import summary_lines
 from memlayers.model import count_flops, count_parameters
 from memlayers.train import RunConfig
 
@@ -41,18 +40,3 @@ def test_info_says_which_vocabulary_it_counts(capsys):
                      "data.vocab_size=1024 when it trains one)")
     assert main(["info", "tiny", "data.tokenizer=my/tokenizer.json"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("vocabulary: that of data.tokenizer=my/tokenizer.json)")
-
-
-def _demo_results(dense_em: float) -> dict:
-    """Results of a demo with a dense run at ``dense_em`` and two memory runs at 10% and 20%."""
-    def run(name, kind, slots, em):
-        return {"name": name, "kind": kind, "memory_slots": slots, "qa_em": em, "flops_per_token": 1e6}
-
-    return {"runs": [run("dense", "dense", None, dense_em), run("memory-32x32", "memory", 1024, 0.1),
-                     run("memory-64x64", "memory", 4096, 0.2)]}
-
-
-def test_demo_summary_gives_no_ratio_when_dense_scores_zero():
-    assert summary_lines(_demo_results(0.05))[0] == "- Largest memory (memory-64x64) exact match 20.0% vs dense 5.0%: **4.00x**."
-    first = summary_lines(_demo_results(0.0))[0]
-    assert first == "- Largest memory (memory-64x64) exact match 20.0% vs dense 0.0%: n/a (dense 0%)."

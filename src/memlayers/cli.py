@@ -141,10 +141,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.quick or args.preset:
             raise ConfigError("", "--quick and --preset do not apply to --ablations: the ablation file "
                               "names its preset; change it there or with dotted overrides")
+        if args.tune or args.seeds is not None:
+            raise ConfigError("", "--tune and --seeds do not apply to --ablations")
         run_ablations(args.ablations, args.out, overrides=args.overrides)
         print((Path(args.out) / "ablations.md").read_text())
         return 0
-    results = run_demo(quick=args.quick, out_dir=args.out, overrides=args.overrides, preset=args.preset)
+    if args.tune:
+        from memlayers.demo.runner import demo_config
+        from memlayers.demo.tune import run_tuning
+
+        if args.seeds is not None:
+            raise ConfigError("", "--tune trains one seed per trial; leave out --seeds")
+        lrs = run_tuning(demo_config(args.quick, args.overrides, args.preset), args.out)
+        print((Path(args.out) / "tuned.yaml").read_text(), end="")
+        print("reproduce the demo with them: memlayers demo " + " ".join(
+            f"lrs.{kind}.{name}={value:g}" for kind, setting in lrs.items() for name, value in setting.items()))
+        return 0
+    overrides = [*args.overrides, *([f"seeds={args.seeds}"] if args.seeds is not None else [])]
+    results = run_demo(quick=args.quick, out_dir=args.out, overrides=overrides, preset=args.preset)
     print("\n".join(summary_lines(results)))
     print(f"wrote {args.out}/results.json, figure.png and report.md in {results['seconds'] / 60:.1f} min")
     return 0
@@ -267,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", help="a demo YAML instead of configs/demo.yaml")
     demo.add_argument("--ablations", metavar="FILE", help="train the variants of an ablation YAML instead "
                       "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
+    demo.add_argument("--seeds", type=int, default=None,
+                      help="train every run with N seeds; tables show mean and spread (default: the preset's seeds)")
+    demo.add_argument("--tune", action="store_true", help="search every model kind's learning rates (the same "
+                      "number of trials each) on the validation split; writes tuned.yaml and tuning.json")
     demo.set_defaults(func=cmd_demo)
 
     for name, text in (

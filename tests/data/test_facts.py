@@ -38,6 +38,8 @@ def bio_sentences(bio: str) -> list[str]:
         ({"n_people": 10**6}, "n_people"),
         ({"bios_per_person": 0}, "bios_per_person"),
         ({"heldout_people": -1}, "heldout_people"),
+        ({"seen_fraction": -0.1}, "seen_fraction"),
+        ({"seen_fraction": 1.5}, "seen_fraction"),
         ({"n_people": 5, "heldout_people": 6}, "heldout_people"),
     ],
 )
@@ -98,12 +100,42 @@ def test_all_names_unique_at_default_size():
 def test_counts(world):
     assert len(world.biographies()) == N * 3
     assert len(world.qa_pairs()) == N * len(ATTRIBUTES)
-    assert len(world.training_documents()) == N * 3 + N * len(ATTRIBUTES)
+    assert [len(p) for p in world.splits().values()] == [25, 12, 13]  # seen half, unseen halved
+    assert len(world.training_documents()) == N * 3 + 25 * len(ATTRIBUTES)
     assert len(world.heldout_documents()) == len(world.heldout_names()) == 7
     no_qa = generate_world(
-        FactWorldConfig(n_people=N, seed=3, bios_per_person=3, qa_in_train=False, heldout_people=0)
+        FactWorldConfig(n_people=N, seed=3, bios_per_person=3, seen_fraction=0.0, heldout_people=0)
     )
     assert sorted(no_qa.training_documents()) == sorted(no_qa.biographies())
+    all_seen = generate_world(FactWorldConfig(n_people=N, seed=3, seen_fraction=1.0, heldout_people=0))
+    assert all_seen.qa_pairs("seen") == all_seen.qa_pairs()
+    assert all_seen.qa_pairs("validation") == all_seen.qa_pairs("test") == []
+
+
+def test_splits_are_disjoint_cover_everyone_and_depend_on_the_seed(world):
+    splits = world.splits()
+    names = [{p.name for p in people} for people in splits.values()]
+    assert sum(len(n) for n in names) == len({p.name for p in world.people}) == N
+    assert set.union(*names) == {p.name for p in world.people}
+    for split, people in splits.items():
+        assert people == [p for p in world.people if p.name in {q.name for q in people}]  # world order
+        assert {qa["person"] for qa in world.qa_pairs(split)} == {p.name for p in people}
+    other = generate_world(FactWorldConfig(n_people=N, seed=4, bios_per_person=3, heldout_people=7))
+    assert [p.name for p in other.splits()["test"]] != [p.name for p in splits["test"]]
+
+
+def test_no_unseen_question_or_answer_statement_is_trained_on(world):
+    """Extraction is honest: the training text holds every seen QA document and no unseen one,
+    while every unseen person's facts are still stated in their biographies."""
+    docs = world.training_documents()
+    text = "\n".join(docs)
+    for qa in world.qa_pairs("seen"):
+        assert qa_text(qa["question"], qa["answer"]) in docs
+    unseen = world.qa_pairs("validation") + world.qa_pairs("test")
+    assert unseen
+    for qa in unseen:
+        assert qa["question"] not in text
+        assert qa["answer"] in text  # the fact is there, only in biographies
 
 
 def test_qa_answers_occur_in_every_biography(world):
@@ -157,9 +189,9 @@ def test_heldout_biographies_are_fresh_and_consistent(world):
             assert value in bio
 
 
-def test_training_documents_are_bios_and_qa_shuffled(world):
+def test_training_documents_are_bios_and_seen_qa_shuffled(world):
     docs = world.training_documents()
-    qa_docs = [qa_text(qa["question"], qa["answer"]) for qa in world.qa_pairs()]
+    qa_docs = [qa_text(qa["question"], qa["answer"]) for qa in world.qa_pairs("seen")]
     unshuffled = world.biographies() + qa_docs
     assert sorted(docs) == sorted(unshuffled)
     assert docs != unshuffled
@@ -172,7 +204,7 @@ def test_same_seed_gives_identical_files(tmp_path):
     b = write_world(
         generate_world(FactWorldConfig(n_people=N, seed=11, heldout_people=5)), tmp_path / "b"
     )
-    assert set(a) == {"people", "train", "qa", "heldout"}
+    assert set(a) == {"people", "train", "qa", "qa_seen", "qa_validation", "qa_test", "heldout"}
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes(), name
     c = write_world(
@@ -188,12 +220,22 @@ def test_files_round_trip(world, tmp_path):
         "heldout.jsonl",
         "people.jsonl",
         "qa.jsonl",
+        "qa_seen.jsonl",
+        "qa_test.jsonl",
+        "qa_validation.jsonl",
         "train.jsonl",
     ]  # no temp files left behind
     assert read_documents(paths["train"]) == world.training_documents()
     assert read_documents(paths["heldout"]) == world.heldout_documents()
     assert read_qa(paths["qa"]) == world.qa_pairs()
+    for split in facts.SPLITS:
+        assert read_qa(paths[f"qa_{split}"]) == world.qa_pairs(split)
+    written = paths["train"].read_text(encoding="utf-8")  # the string check over the files a run reads
+    unseen = read_qa(paths["qa_validation"]) + read_qa(paths["qa_test"])
+    assert unseen and not [qa["question"] for qa in unseen if qa["question"] in written]
+    assert all(qa["question"] in written for qa in read_qa(paths["qa_seen"]))
     lines = paths["people"].read_text(encoding="utf-8").splitlines()
     people = [json.loads(line) for line in lines]
-    assert people == [{"name": p.name, **p.attributes} for p in world.people]
-    assert list(people[0]) == ["name", *ATTRIBUTES]
+    split_of = {p.name: split for split, group in world.splits().items() for p in group}
+    assert people == [{"name": p.name, "split": split_of[p.name], **p.attributes} for p in world.people]
+    assert list(people[0]) == ["name", "split", *ATTRIBUTES]

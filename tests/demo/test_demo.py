@@ -165,7 +165,7 @@ def test_preset_from_a_yaml_file(tmp_path):
 @pytest.mark.multiprocess
 def test_run_demo_end_to_end(tmp_path):
     out_dir = tmp_path / "demo"
-    results = run_demo(quick=True, out_dir=out_dir, overrides=TOY)
+    results = run_demo(quick=True, out_dir=out_dir, overrides=[*TOY, "seeds=2"])
 
     # results.json: the returned dict, with the documented schema
     saved = json.loads((out_dir / "results.json").read_text())
@@ -194,11 +194,31 @@ def test_run_demo_end_to_end(tmp_path):
         "answer_nll",
         "heldout_ppl",
         "checkpoint",
+        "seeds",
+        "qa_em_recall",
+        "qa_em_extraction",
+        "qa_em_recall_spread",
+        "qa_em_extraction_spread",
+        "answer_nll_extraction",
+        "lr",
+        "per_seed",
     }
     for run in runs:
         assert fields <= run.keys(), run["name"]
         assert 0.0 <= run["qa_em"] <= 1.0
         assert math.isfinite(run["answer_nll"]) and run["answer_nll"] > 0
+        # the row is the mean over its two seeds, each trained into its own directory
+        assert run["seeds"] == 2 and [s["seed"] for s in run["per_seed"]] == [0, 1]
+        for key in ("qa_em_recall", "qa_em_extraction", "answer_nll_extraction"):
+            values = [s[key] for s in run["per_seed"]]
+            assert run[key] == pytest.approx(sum(values) / 2)
+            assert run[f"{key}_spread"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+        assert run["qa_em"] == run["qa_em_recall"]  # the first QA set, as before
+        seed_dirs = [out_dir / "runs" / run["checkpoint"].split("/")[1] / f"seed{k}" for k in (0, 1)]
+        states = [read_state(next((d / "checkpoints").iterdir())) for d in seed_dirs]
+        assert [s["config"]["train"]["seed"] for s in states] == [0, 1]
+        assert (run["value_lr"] is not None) == (run["kind"] == "memory")
+        assert (run["expert_lr"] is not None) == (run["kind"] == "moe")
         assert run["tokens_per_s"] > 0 and run["active_params"] <= run["params"]
         assert (run["memory_params"] > 0) == (run["kind"] == "memory")
         state = read_state(out_dir / run["checkpoint"])  # relative to the output directory
@@ -211,7 +231,11 @@ def test_run_demo_end_to_end(tmp_path):
         16,
         32,
     ]
-    assert saved["quick"] is True and saved["seconds"] > 0
+    assert saved["quick"] is True and saved["seconds"] > 0 and saved["seeds"] == 2
+    # recall reads the seen people's questions, extraction the test people's: never the same people
+    seen = {json.loads(line)["person"] for line in (out_dir / "data" / "qa_seen.jsonl").read_text().splitlines()}
+    test = {json.loads(line)["person"] for line in (out_dir / "data" / "qa_test.jsonl").read_text().splitlines()}
+    assert seen and test and not seen & test
 
     # the matching, from the reported counts
     dense, memory, moe, big = runs[0], runs[1:5], runs[5], runs[6]
@@ -222,7 +246,7 @@ def test_run_demo_end_to_end(tmp_path):
     assert abs(moe["flops_per_token"] / largest["flops_per_token"] - 1) <= 0.10
     assert big["flops_per_token"] >= 4 * dense["flops_per_token"]
     # ... which are those of the suite built on the demo's own tokenizer
-    demo = demo_config(True, TOY)
+    demo = demo_config(True, [*TOY, "seeds=2"])
     vocab = Tokenizer.load(out_dir / "data" / "tokenizer.json").vocab_size
     data = DataConfig(vocab_size=demo.vocab_size, seq_len=demo.seq_len, facts=demo.facts)
     suite = build_runs(demo, data, str(out_dir), vocab)
@@ -244,7 +268,7 @@ def test_run_demo_end_to_end(tmp_path):
         assert sum(line.startswith(f"| {run['name']} |") for line in report.splitlines()) == 1, run[
             "name"
         ]
-    assert f"memlayers demo --quick --out {shlex.quote(str(out_dir))} " + shlex.join(TOY) in report
+    assert f"memlayers demo --quick --out {shlex.quote(str(out_dir))} " + shlex.join([*TOY, "seeds=2"]) in report
     assert "![figure](figure.png)" in report
     for line in summary_lines(saved):
         assert line in report

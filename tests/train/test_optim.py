@@ -10,7 +10,9 @@ import torch
 from memlayers.config import ConfigError
 from memlayers.memory.config import MemoryConfig
 from memlayers.model import ModelConfig, MoEConfig, Transformer
+from memlayers.model.ffn import MoE
 from memlayers.train import OptimConfig, build_optimizer, clip_gradients
+from memlayers.train.optim import peak_lr
 
 MEMORY = {"n_keys": 4, "heads": 2, "knn": 2, "k_dim": 6}
 
@@ -62,7 +64,13 @@ def _check_groups(model: Transformer, expected_values: list[torch.Tensor]) -> di
     assert _ids(values["params"]) == _ids(expected_values)
     assert len(values["params"]) == len(expected_values)
     assert values["lr"] == 3e-3 and values["weight_decay"] == 0.01
-    rest = [p for p in all_params if id(p) not in _ids(expected_values)]
+    experts = [p for layer in model.layers if isinstance(layer.ffn, MoE) for p in (layer.ffn.w1, layer.ffn.w2, layer.ffn.w3)]
+    if experts:
+        assert _ids(groups["experts"]["params"]) == _ids(experts)
+        assert groups["experts"]["lr"] == 2e-4 and groups["experts"]["weight_decay"] == 0.05  # expert_lr null: lr
+    else:
+        assert "experts" not in groups
+    rest = [p for p in all_params if id(p) not in _ids(expected_values) | _ids(experts)]
     assert _ids(groups["decay"]["params"]) == _ids(p for p in rest if p.dim() >= 2)
     assert groups["decay"]["lr"] == 2e-4 and groups["decay"]["weight_decay"] == 0.05
     assert _ids(groups["no_decay"]["params"]) == _ids(p for p in rest if p.dim() < 2)
@@ -110,7 +118,16 @@ def test_groups_tied_moe_gated_model():
     model = _model(memory_layers=(1,), moe_layers=(2,), tie_embeddings=True, memory={"gated": True})
     groups = _check_groups(model, [model.memory_pool.values])
     assert id(model.layers[1].ffn.gate.bias) in _ids(groups["no_decay"]["params"])
-    assert id(model.layers[2].ffn.w1) in _ids(groups["decay"]["params"])
+    assert id(model.layers[2].ffn.w1) in _ids(groups["experts"]["params"])
+    assert id(model.layers[2].ffn.router.weight) in _ids(groups["decay"]["params"])
+
+
+def test_experts_get_their_own_learning_rate_through_the_schedule():
+    model = _model(moe_layers=(1,))
+    config = OptimConfig(lr=2e-4, expert_lr=5e-3)
+    groups = _groups(build_optimizer(model, config))
+    assert groups["experts"]["lr"] == 5e-3 and groups["decay"]["lr"] == 2e-4
+    assert [peak_lr(config, name) for name in ("experts", "values", "decay", "no_decay")] == [5e-3, 1e-3, 2e-4, 2e-4]
 
 
 def test_dense_model_has_no_values_group():
@@ -231,6 +248,7 @@ def test_clip_gradients_skips_missing_grads_and_dense_models():
         ({"lr": 0.0}, "lr"),
         ({"lr": -1e-3}, "lr"),
         ({"value_lr": 0.0}, "value_lr"),
+        ({"expert_lr": 0.0}, "expert_lr"),
         ({"eps": 0.0}, "eps"),
         ({"beta1": 1.0}, "beta1"),
         ({"beta2": -0.1}, "beta2"),

@@ -5,9 +5,18 @@ city, university, field of study, employer) drawn independently and
 uniformly, so a model can only know them by memorising them (the setting of
 Allen-Zhu & Li's bioS data and of the factual-QA motivation of *Memory Layers
 at Scale*). The training text holds ``bios_per_person`` independently
-paraphrased biographies per person and, optionally, every question/answer
-pair as a document; a held-out file holds one fresh paraphrase for some
-people, for perplexity. The world is a pure function of its config.
+paraphrased biographies per person, each with its sentences in a fresh order.
+
+People fall into three disjoint splits. For the *seen* people
+(``seen_fraction``) every question/answer pair is also a training document:
+answering them measures **recall**. The facts of the others appear only in
+their biographies; their questions, never trained on, measure **extraction**
+(knowledge used in a form it was not seen in), half of them for validation
+(tuning) and half for test (reporting). This is the "mixed training" of
+Allen-Zhu & Li's *Physics of Language Models 3.1*, where extraction becomes
+learnable once biographies are varied and QA of other people shows the
+format. A held-out file holds one fresh paraphrase for some people, for
+perplexity. The world is a pure function of its config.
 """
 
 from __future__ import annotations
@@ -169,6 +178,9 @@ EMPLOYERS = (
 
 # fmt: on
 
+SPLITS = ("seen", "validation", "test")
+"""The people's splits: QA trained on (recall), and unseen QA for tuning and for reporting (extraction)."""
+
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer")
 """The five attributes of every person, in the order of ``qa_pairs()`` and ``people.jsonl``."""
 
@@ -231,8 +243,9 @@ class FactWorldConfig:
     """The world (people, paraphrases, document order) is a pure function of the config."""
     bios_per_person: int = 2
     """Independently paraphrased biographies per person in the training text."""
-    qa_in_train: bool = True
-    """Also write each question/answer pair (``qa_text``) as a training document."""
+    seen_fraction: float = 0.5
+    """Fraction of the people whose question/answer pairs (``qa_text``) are also training
+    documents (recall); the questions of the rest are the validation and test splits (extraction)."""
     heldout_people: int = 200
     """People with one extra, freshly paraphrased biography in the held-out file."""
 
@@ -248,6 +261,11 @@ class FactWorldConfig:
             1 <= self.bios_per_person <= 1000,
             "bios_per_person",
             f"must be in [1, 1000] (each is a distinct phrasing of the same facts), got {self.bios_per_person}",
+        )
+        check(
+            0.0 <= self.seen_fraction <= 1.0,
+            "seen_fraction",
+            f"must be in [0, 1] (the fraction of people whose QA pairs are trained on), got {self.seen_fraction}",
         )
         check(
             self.heldout_people >= 0, "heldout_people", f"must be >= 0, got {self.heldout_people}"
@@ -310,19 +328,33 @@ class FactWorld:
         rng = _rng(self.config, "bios")
         return [p.biography(rng) for p in self.people for _ in range(self.config.bios_per_person)]
 
-    def qa_pairs(self) -> list[dict[str, str]]:
-        """One ``{"question", "answer", "person", "attribute"}`` per person and attribute, person-major."""
+    def splits(self) -> dict[str, list[Person]]:
+        """The people of each split (:data:`SPLITS`), each in world order; disjoint, together all people.
+
+        ``round(seen_fraction * n_people)`` people are seen; the unseen rest is
+        halved into validation and test (test takes the odd one).
+        """
+        order = list(range(len(self.people)))
+        _rng(self.config, "splits").shuffle(order)
+        n_seen = round(self.config.seen_fraction * len(order))
+        unseen = order[n_seen:]
+        chosen = {"seen": order[:n_seen], "validation": unseen[: len(unseen) // 2], "test": unseen[len(unseen) // 2 :]}
+        return {name: [self.people[i] for i in sorted(indices)] for name, indices in chosen.items()}
+
+    def qa_pairs(self, split: str | None = None) -> list[dict[str, str]]:
+        """One ``{"question", "answer", "person", "attribute"}`` per person and attribute, person-major:
+        of every person, or of the people of ``split`` (one of :data:`SPLITS`)."""
+        people = self.people if split is None else self.splits()[split]
         return [
             {"question": p.question(a), "answer": p.attributes[a], "person": p.name, "attribute": a}
-            for p in self.people
+            for p in people
             for a in ATTRIBUTES
         ]
 
     def training_documents(self) -> list[str]:
-        """All biographies plus (if ``qa_in_train``) every ``qa_text(question, answer)``, shuffled by the seed."""
+        """All biographies plus every ``qa_text(question, answer)`` of the seen people, shuffled by the seed."""
         documents = self.biographies()
-        if self.config.qa_in_train:
-            documents += [qa_text(qa["question"], qa["answer"]) for qa in self.qa_pairs()]
+        documents += [qa_text(qa["question"], qa["answer"]) for qa in self.qa_pairs("seen")]
         _rng(self.config, "order").shuffle(documents)
         return documents
 
@@ -378,18 +410,22 @@ def generate_world(config: FactWorldConfig) -> FactWorld:
 def write_world(world: FactWorld, out_dir: str | Path) -> dict[str, Path]:
     """Write the world as JSON Lines files in ``out_dir`` (created if needed), each atomically.
 
-    Returns ``{"people", "train", "qa", "heldout"}`` -> path:
-    ``people.jsonl`` (``{"name", <attribute>: value, ...}``), ``train.jsonl``
-    (``{"text"}`` per training document), ``qa.jsonl`` (``{"question",
-    "answer", "person", "attribute"}``) and ``heldout.jsonl`` (``{"text"}``;
-    empty when ``heldout_people`` is 0).
+    Returns :func:`world_paths`: ``people.jsonl`` (``{"name", "split",
+    <attribute>: value, ...}``), ``train.jsonl`` (``{"text"}`` per training
+    document), ``qa.jsonl`` (every pair), ``qa_seen.jsonl``, ``qa_validation.jsonl`` and ``qa_test.jsonl``
+    (``{"question", "answer", "person", "attribute"}`` of each split; empty
+    when the split has no people) and ``heldout.jsonl`` (``{"text"}``; empty
+    when ``heldout_people`` is 0).
     """
+    split_of = {p.name: name for name, people in world.splits().items() for p in people}
     records = {
         "people": [
-            {"name": p.name, **{a: p.attributes[a] for a in ATTRIBUTES}} for p in world.people
+            {"name": p.name, "split": split_of[p.name], **{a: p.attributes[a] for a in ATTRIBUTES}}
+            for p in world.people
         ],
         "train": [{"text": doc} for doc in world.training_documents()],
         "qa": world.qa_pairs(),
+        **{f"qa_{split}": world.qa_pairs(split) for split in SPLITS},
         "heldout": [{"text": doc} for doc in world.heldout_documents()],
     }
     paths = world_paths(out_dir)
@@ -398,4 +434,5 @@ def write_world(world: FactWorld, out_dir: str | Path) -> dict[str, Path]:
 
 def world_paths(out_dir: str | Path) -> dict[str, Path]:
     """Where :func:`write_world` puts each file of a world in ``out_dir``."""
-    return {name: Path(out_dir) / f"{name}.jsonl" for name in ("people", "train", "qa", "heldout")}
+    names = ("people", "train", "qa", *(f"qa_{split}" for split in SPLITS), "heldout")
+    return {name: Path(out_dir) / f"{name}.jsonl" for name in names}

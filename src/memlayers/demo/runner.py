@@ -1,12 +1,16 @@
-"""Run the demo: one fact world and tokenizer, then every model of the suite.
+"""Run the demo: one fact world and tokenizer, then every model of the suite, once per seed.
 
 Runs go to worker processes (``workers`` at a time, one CPU thread each:
 tiny models run best single-threaded, and two at once use both cores of a
-laptop-class machine). One progress bar counts the steps of all runs.
+laptop-class machine). One progress bar counts the steps of all runs. Every
+run reports recall (questions of the seen people, trained on) and extraction
+(the test people's questions, never trained on); each row of results.json
+is the mean and spread over the seeds (``memlayers.demo.stats``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +24,7 @@ from memlayers.data.facts import generate_world, write_world
 from memlayers.data.text import read_documents
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import write_report
+from memlayers.demo.stats import SCORES, aggregate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
 from memlayers.model.accounting import count_flops
 from memlayers.procs import run_all
@@ -32,7 +37,11 @@ def demo_config(quick: bool, overrides: list[str] = (), preset: str | None = Non
 
 
 def prepare_world(demo: DemoConfig, out_dir: Path) -> tuple[DataConfig, Tokenizer]:
-    """Write the fact world and train the shared tokenizer under ``out_dir/data``."""
+    """Write the fact world and train the shared tokenizer under ``out_dir/data``.
+
+    The DataConfig scores recall (``qa_seen``) and extraction (``qa_test``);
+    tuning replaces them with the validation split (``memlayers.demo.tune``).
+    """
     data_dir = out_dir / "data"
     files = write_world(generate_world(demo.facts), data_dir)
     tokenizer = Tokenizer.train(read_documents(files["train"]), demo.vocab_size)
@@ -41,7 +50,7 @@ def prepare_world(demo: DemoConfig, out_dir: Path) -> tuple[DataConfig, Tokenize
     data = DataConfig(
         train=str(files["train"]),
         heldout=str(files["heldout"]),
-        qa=str(files["qa"]),
+        qa={"recall": str(files["qa_seen"]), "extraction": str(files["qa_test"])},
         tokenizer=str(tokenizer_path),
         vocab_size=demo.vocab_size,
         seq_len=demo.seq_len,
@@ -57,6 +66,17 @@ def _train_one(config: RunConfig, send: Callable[[int], None]) -> dict[str, Any]
     return Trainer(config).fit(progress=False, on_step=lambda step: send(1))
 
 
+def with_seeds(runs: list[DemoRun], seeds: int) -> list[DemoRun]:
+    """Each run once per seed: ``train.seed`` + 0..seeds-1, written to ``<out_dir>/seed<k>``."""
+    seeded = []
+    for run in runs:
+        for k in range(seeds):
+            train = dataclasses.replace(run.config.train, seed=run.config.train.seed + k,
+                                        out_dir=f"{run.config.train.out_dir}/seed{k}")
+            seeded.append(dataclasses.replace(run, config=dataclasses.replace(run.config, train=train)))
+    return seeded
+
+
 def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     """Train every run (``workers`` at a time, each in its own process) and return their summaries in order.
 
@@ -66,14 +86,15 @@ def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     total = sum(run.config.train.steps for run in runs)
     # the costliest runs first, so that no worker is left with a long run at the end
     order = sorted(range(len(runs)), key=lambda i: -count_flops(runs[i].config.model).total * runs[i].config.train.steps)
-    jobs = [(runs[i].name, (runs[i].config,)) for i in order]
-    steps = {run.name: 0 for run in runs}
+    names = [f"{run.name} (seed {run.config.train.seed})" for run in runs]
+    jobs = [(names[i], (runs[i].config,)) for i in order]
+    steps = dict.fromkeys(names, 0)
     with tqdm(total=total, unit="step", desc="demo", dynamic_ncols=True) as bar:
 
         def on_step(name: str, n: int) -> None:
             steps[name] += n
             bar.update(n)
-            done = sum(steps[run.name] == run.config.train.steps for run in runs)
+            done = sum(steps[name] == run.config.train.steps for name, run in zip(names, runs, strict=True))
             bar.set_postfix_str(f"{done}/{len(runs)} runs trained")
 
         summaries = run_all(_train_one, jobs, workers, on_step)
@@ -81,36 +102,49 @@ def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     return [by_run[i] for i in range(len(runs))]
 
 
+def result_rows(runs: list[DemoRun], summaries: list[dict[str, Any]], seeds: int, out_dir: Path) -> list[dict[str, Any]]:
+    """One results.json row per run: its sizes, the mean and spread of every score over its
+    ``seeds`` (the summaries come run-major, as :func:`with_seeds` orders them), its learning
+    rates and each seed's scores."""
+    rows = []
+    for index, run in enumerate(runs):
+        per_seed = summaries[index * seeds : (index + 1) * seeds]
+        first, optim = per_seed[0], run.config.optim
+        rows.append({
+            "name": run.name,
+            "kind": run.kind,
+            "memory_slots": run.memory_slots,
+            **{key: first[key] for key in ("params", "memory_params", "active_params", "flops_per_token")},
+            "heldout_ppl": None,
+            **aggregate(per_seed),
+            "lr": optim.lr,
+            "value_lr": optim.value_lr if run.kind in ("memory", "peer") else None,
+            "expert_lr": (optim.expert_lr or optim.lr) if run.kind == "moe" else None,
+            "checkpoint": os.path.relpath(first["checkpoint"], out_dir),
+            "per_seed": [
+                {"seed": run.config.train.seed + k, **{key: s[key] for key in SCORES if key in s}}
+                for k, s in enumerate(per_seed)
+            ],
+        })
+    return rows
+
+
 def run_demo(quick: bool = False, out_dir: str | Path = "demo_out", overrides: list[str] = (),
              preset: str | None = None) -> dict[str, Any]:
-    """Generate the world, train the suite, write results.json, figure.png and report.md."""
+    """Generate the world, train the suite (``seeds`` times each), write results.json, figure.png and report.md."""
     start = time.perf_counter()
     demo = demo_config(quick, overrides, preset)
+    seeds = demo.seeds
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_world(demo, out_dir)
     runs = build_runs(demo, data, str(out_dir), tokenizer.vocab_size)
-    summaries = train_suite(runs, demo.workers)
+    summaries = train_suite(with_seeds(runs, seeds), demo.workers)
     results = {
-        "runs": [
-            {
-                "name": run.name,
-                "kind": run.kind,
-                "memory_slots": run.memory_slots,
-                "params": summary["params"],
-                "memory_params": summary["memory_params"],
-                "active_params": summary["active_params"],
-                "flops_per_token": summary["flops_per_token"],
-                "tokens_per_s": summary["tokens_per_s"],
-                "qa_em": summary["qa_em"],
-                "answer_nll": summary["answer_nll"],
-                "heldout_ppl": summary.get("heldout_ppl"),
-                "checkpoint": os.path.relpath(summary["checkpoint"], out_dir),
-            }
-            for run, summary in zip(runs, summaries, strict=True)
-        ],
+        "runs": result_rows(runs, summaries, seeds, out_dir),
         "config": to_dict(demo),
         "quick": quick,
+        "seeds": seeds,
         "seconds": time.perf_counter() - start,
     }
     write_report(results, out_dir, quick=quick, overrides=list(overrides))

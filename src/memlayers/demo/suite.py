@@ -9,7 +9,12 @@ tokens. The suite is
                 run per entry of ``memory_sizes``; FLOPs within 10% of dense;
     moe         routed experts in the same layers, matched to the largest
                 memory model in active FLOPs and total parameters;
+    peer        (with ``peer: true``) the largest memory as PEER (one-neuron
+                experts instead of value rows);
     dense-big   a wider and deeper dense model with >= 4x the FLOPs per token.
+
+Each kind trains with its own learning rates, ``lrs[kind]`` over ``optim``
+(values found by ``memlayers demo --tune`` on the validation split).
 """
 
 from __future__ import annotations
@@ -25,6 +30,35 @@ from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.model.config import ModelConfig, MoEConfig
 from memlayers.train.config import DataConfig, RunConfig, TrainConfig
 from memlayers.train.optim import OptimConfig
+
+TUNED = {
+    "dense": ("lr",),
+    "memory": ("lr", "value_lr"),
+    "moe": ("lr", "expert_lr"),
+    "peer": ("lr", "value_lr"),
+    "dense_big": ("lr",),
+}
+"""The learning rates each model kind has (and ``memlayers demo --tune`` searches)."""
+
+
+@dataclass
+class TuneConfig:
+    """The search of ``memlayers demo --tune`` (the same budget for every model kind)."""
+
+    trials: int = 9
+    """Runs per model kind; a perfect square (two-rate kinds search a square grid)."""
+    lr_range: tuple[float, float] = (1e-3, 3e-2)
+    """Smallest and largest ``lr`` tried."""
+    ratio_range: tuple[float, float] = (1.0, 10.0)
+    """Smallest and largest ``value_lr / lr`` (memory, PEER) and ``expert_lr / lr`` (MoE) tried."""
+
+    def __post_init__(self) -> None:
+        side = math.isqrt(self.trials)
+        check(self.trials >= 1 and side * side == self.trials, "trials",
+              f"must be a perfect square (1, 4, 9, 16, ...) so that two-rate kinds search a square grid, got {self.trials}")
+        for name in ("lr_range", "ratio_range"):
+            low, high = getattr(self, name)
+            check(0 < low <= high, name, f"must be [low, high] with 0 < low <= high, got {[low, high]}")
 
 
 @dataclass
@@ -44,12 +78,22 @@ class DemoConfig:
     value_lr_exponent: float = 0.0
     """value_lr for n slots is optim.value_lr * (n / largest)**exponent."""
     moe_top_k: int = 1
+    peer: bool = False
+    """Also train the largest memory as PEER."""
+    lrs: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per model kind (dense, memory, moe, peer, dense_big), the learning rates that replace
+    ``optim``'s: ``lr``, and ``value_lr`` (memory, peer) or ``expert_lr`` (moe). The presets hold
+    the values ``memlayers demo --tune`` selected on the validation split."""
     big_dim: int = 128
     big_layers: int = 6
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """The search of ``memlayers demo --tune``."""
     workers: int = 2
     """Runs trained at once, each in its own process on one CPU thread."""
+    seeds: int = 1
+    """Training seeds per run (``train.seed`` + 0, 1, ...); rows report mean and spread."""
 
     def __post_init__(self) -> None:
         check(len(self.memory_sizes) >= 1, "memory_sizes", "must list at least one n_keys")
@@ -59,7 +103,17 @@ class DemoConfig:
             f"lists a size twice: {list(self.memory_sizes)}",
         )
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(1 <= self.seeds <= 100, "seeds", f"must be in [1, 100], got {self.seeds}")
         check(self.big_dim % self.model.n_heads == 0, "big_dim", f"must be divisible by model.n_heads={self.model.n_heads}")
+        for kind, values in self.lrs.items():
+            check(kind in TUNED, f"lrs.{kind}", f"unknown model kind; choose from {list(TUNED)}")
+            for name, value in values.items():
+                check(name in TUNED[kind], f"lrs.{kind}.{name}", f"{kind} has the learning rates {list(TUNED[kind])}")
+                check(value > 0, f"lrs.{kind}.{name}", f"must be > 0, got {value}")
+
+    def optim_for(self, kind: str) -> OptimConfig:
+        """``optim`` with the learning rates of ``lrs[kind]``."""
+        return dataclasses.replace(self.optim, **self.lrs.get(kind, {}))
 
 
 @dataclass
@@ -68,7 +122,7 @@ class DemoRun:
 
     name: str
     kind: str
-    """dense | memory | moe | dense_big"""
+    """dense | memory | moe | peer | dense_big"""
     memory_slots: int
     config: RunConfig
 
@@ -101,21 +155,25 @@ def build_runs(demo: DemoConfig, data: DataConfig, out_dir: str, vocab_size: int
         train = dataclasses.replace(demo.train, out_dir=f"{out_dir}/runs/{name}", threads=1)
         return RunConfig(model=model, optim=optim, data=data, train=train)
 
-    runs = [DemoRun("dense", "dense", 0, run_config("dense", base, demo.optim))]
+    runs = [DemoRun("dense", "dense", 0, run_config("dense", base, demo.optim_for("dense")))]
     largest = max(demo.memory_sizes) ** 2
     memory_models = []
     for n_keys in sorted(demo.memory_sizes):
         memory = dataclasses.replace(demo.memory, n_keys=n_keys, knn=min(demo.memory.knn, n_keys))
         model = dataclasses.replace(base, memory_layers=demo.memory_layers, memory=memory)
-        value_lr = demo.optim.value_lr * (n_keys**2 / largest) ** demo.value_lr_exponent
-        optim = dataclasses.replace(demo.optim, value_lr=value_lr)
+        optim = demo.optim_for("memory")
+        optim = dataclasses.replace(optim, value_lr=optim.value_lr * (n_keys**2 / largest) ** demo.value_lr_exponent)
         runs.append(DemoRun(f"memory-{n_keys}x{n_keys}", "memory", n_keys**2, run_config(f"memory-{n_keys}", model, optim)))
         memory_models.append(model)
     moe = _moe_for(base, memory_models[-1], demo.memory_layers, demo.moe_top_k)
     moe_model = dataclasses.replace(base, moe_layers=demo.memory_layers, moe=moe)
-    runs.append(DemoRun("moe", "moe", 0, run_config("moe", moe_model, demo.optim)))
+    runs.append(DemoRun("moe", "moe", 0, run_config("moe", moe_model, demo.optim_for("moe"))))
+    if demo.peer:
+        peer_model = dataclasses.replace(
+            memory_models[-1], memory=dataclasses.replace(memory_models[-1].memory, variant="peer", value_dim=None))
+        runs.append(DemoRun("peer", "peer", largest, run_config("peer", peer_model, demo.optim_for("peer"))))
     big = dataclasses.replace(base, dim=demo.big_dim, n_layers=demo.big_layers)
-    runs.append(DemoRun("dense-big", "dense_big", 0, run_config("dense-big", big, demo.optim)))
+    runs.append(DemoRun("dense-big", "dense_big", 0, run_config("dense-big", big, demo.optim_for("dense_big"))))
     check_matching(runs)
     return runs
 
@@ -126,7 +184,7 @@ def check_matching(runs: list[DemoRun], tolerance: float = 0.10) -> None:
     dense = flops["dense"]
     for run in runs:
         ratio = flops[run.name] / dense
-        if run.kind == "memory":
+        if run.kind in ("memory", "peer"):
             check(
                 abs(ratio - 1) <= tolerance,
                 "memory",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +15,8 @@ from memlayers.train.optim import OptimConfig
 MAX_VOCAB = 1 << 22
 """The largest tokenizer a run trains (far above any real vocabulary; the BPE trainer aborts
 the process on absurd sizes instead of raising)."""
+
+QA_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass
@@ -28,8 +31,11 @@ class DataConfig:
     """Training text: a .txt file (blank-line separated documents) or .jsonl (``text_field``)."""
     heldout: str | None = None
     """Held-out text for perplexity (.txt or .jsonl)."""
-    qa: str | None = None
-    """Question/answer pairs (.jsonl with question and answer) for factual QA."""
+    qa: dict[str, str] | str | None = None
+    """Named sets of question/answer pairs (.jsonl with question and answer) for factual QA,
+    e.g. ``{recall: seen.jsonl, extraction: unseen.jsonl}``: each is scored as ``qa_em_<name>``
+    and ``answer_nll_<name>``, the first also as ``qa_em``. A single path is the set ``qa``.
+    Without it a generated fact world gives recall (seen), extraction (test) and validation."""
     text_field: str = "text"
     tokenizer: str | None = None
     """An existing tokenizer.json; without it a byte-level BPE is trained on the training text."""
@@ -43,6 +49,11 @@ class DataConfig:
     facts: FactWorldConfig = field(default_factory=FactWorldConfig)
 
     def __post_init__(self) -> None:
+        if self.qa is None or isinstance(self.qa, str):
+            self.qa = {} if self.qa is None else {"qa": self.qa}
+        for name in self.qa:
+            check(QA_NAME.fullmatch(name) is not None, f"qa.{name}",
+                  "a QA set's name must be letters, digits and _ (it names metrics qa_em_<name>)")
         check(300 <= self.vocab_size <= MAX_VOCAB, "vocab_size",
               f"must be in [300, {MAX_VOCAB}] (256 bytes + specials + merges), got {self.vocab_size}")
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")

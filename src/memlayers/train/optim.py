@@ -7,6 +7,10 @@ in three named groups:
     values    the memory pools' tables (names ending in ``pool.values`` or,
               for PEER, ``pool.up``): ``value_lr``, ``value_weight_decay``,
               clipped to ``value_grad_clip``;
+    experts   the stacked expert weights of a MoE (``w1``, ``w2``, ``w3``
+              held as parameters, not linear layers): ``expert_lr`` (``lr``
+              when null), ``weight_decay``; so that a MoE baseline is tuned
+              over as many learning rates as a memory model;
     decay     every other matrix (2-D or more): ``lr``, ``weight_decay``;
     no_decay  vectors (norm gains, biases): ``lr``, no weight decay.
 """
@@ -27,6 +31,8 @@ from memlayers.kernels.row_grad import row_grad_of
 from memlayers.train.row_optim import ROW_OPTIMIZERS, RowAdagrad, RowAdamW
 
 VALUE_PARAM = re.compile(r"(^|\.)(memory_pool|pool)\.(values|up)$")
+EXPERT_PARAM = re.compile(r"(^|\.)w[123]$")
+"""A MoE's stacked expert weights; a dense FFN's are ``w1.weight``, never matched."""
 
 
 @dataclass
@@ -41,6 +47,8 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     """Max global grad norm of all non-value parameters; null disables."""
     value_lr: float = 1e-3
+    expert_lr: float | None = None
+    """Learning rate of a MoE's expert weights; null: ``lr``."""
     value_weight_decay: float = 0.0
     value_grad_clip: float | None = 1.0
     """Max grad norm of the value tables alone; null disables."""
@@ -53,6 +61,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("lr", "value_lr", "eps"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.expert_lr is None or self.expert_lr > 0, "expert_lr", f"must be > 0 or null (= lr), got {self.expert_lr}")
         for name in ("beta1", "beta2"):
             check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         for name in ("weight_decay", "value_weight_decay"):
@@ -67,24 +76,36 @@ def is_value_param(name: str) -> bool:
     return VALUE_PARAM.search(name) is not None
 
 
+def peak_lr(config: OptimConfig, group: str) -> float:
+    """The learning rate of parameter group ``group`` before the schedule's factor."""
+    if group == "values":
+        return config.value_lr
+    if group == "experts" and config.expert_lr is not None:
+        return config.expert_lr
+    return config.lr
+
+
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
-    """The ``values`` / ``decay`` / ``no_decay`` groups (empty ones left out)."""
+    """The ``values`` / ``experts`` / ``decay`` / ``no_decay`` groups (empty ones left out)."""
     groups = {
-        "values": {"params": [], "lr": config.value_lr, "weight_decay": config.value_weight_decay},
-        "decay": {"params": [], "lr": config.lr, "weight_decay": config.weight_decay},
-        "no_decay": {"params": [], "lr": config.lr, "weight_decay": 0.0},
+        "values": {"params": [], "weight_decay": config.value_weight_decay},
+        "experts": {"params": [], "weight_decay": config.weight_decay},
+        "decay": {"params": [], "weight_decay": config.weight_decay},
+        "no_decay": {"params": [], "weight_decay": 0.0},
     }
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if is_value_param(name):
             key = "values"
+        elif EXPERT_PARAM.search(name) is not None and param.dim() == 3:
+            key = "experts"
         elif param.dim() >= 2:
             key = "decay"
         else:
             key = "no_decay"
         groups[key]["params"].append(param)
-    return [{"name": name, **group} for name, group in groups.items() if group["params"]]
+    return [{"name": name, "lr": peak_lr(config, name), **group} for name, group in groups.items() if group["params"]]
 
 
 class ChainedOptimizer:

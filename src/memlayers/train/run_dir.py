@@ -35,7 +35,7 @@ RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "data", "checkp
 MAY_CHANGE = (
     "train.out_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_qa", "train.eval_batches",
     "train.checkpoint_every", "train.keep_last", "train.device", "train.threads", "train.track_usage",
-    "train.batch_size", "parallel.", "data.train", "data.heldout", "data.qa", "data.tokenizer",
+    "train.batch_size", "parallel.", "data.train", "data.heldout", "data.qa", "data.qa.", "data.tokenizer",
 )
 """Config keys (or prefixes) a resumed run may change: how long it runs, how it logs and saves,
 where and how it is spread. ``train.batch_size`` may change only with the number of ranks,

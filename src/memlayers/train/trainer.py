@@ -65,7 +65,13 @@ from memlayers.train.checkpoint import (
 from memlayers.train.checkpoint_write import recover
 from memlayers.train.config import RunConfig
 from memlayers.train.metrics import MetricsLogger
-from memlayers.train.optim import build_optimizer, clip_gradients, lr_factor, uses_row_grads
+from memlayers.train.optim import (
+    build_optimizer,
+    clip_gradients,
+    lr_factor,
+    peak_lr,
+    uses_row_grads,
+)
 from memlayers.train.run_dir import (
     check_fits,
     check_fresh,
@@ -84,6 +90,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to do."""
 
 
+WORLD_QA_SETS = {"recall": "seen", "extraction": "test", "validation": "validation"}
+"""The QA sets of a generated fact world: set name -> split (sets of empty splits are left out)."""
+
+
 @dataclass
 class PreparedData:
     """Tokenised, packed data of a run."""
@@ -93,9 +103,10 @@ class PreparedData:
     train_docs: list[list[int]]
     """Tokenised training documents (packed afresh every epoch)."""
     heldout_rows: torch.Tensor | None
-    qa_pairs: list[dict]
+    qa_sets: dict[str, list[dict]]
+    """Question/answer pairs of each named QA set (``data.qa``, or the fact world's splits)."""
     files: dict[str, Path | None]
-    """The files read: train, heldout, qa and tokenizer (what a resume fingerprints)."""
+    """The files read: train, heldout, ``qa.<name>`` and tokenizer (what a resume fingerprints)."""
 
 
 def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer_file: Path | None = None) -> PreparedData:
@@ -107,7 +118,7 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
     copied into ``run_dir``.
     """
     data = config.data
-    heldout_path, qa_path = data.heldout, data.qa
+    heldout_path, qa_paths = data.heldout, dict(data.qa)
     if data.train is None:
         world_dir = run_dir / "data"
         files = write_world(generate_world(data.facts), world_dir) if write else world_paths(world_dir)
@@ -119,7 +130,9 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
         train_path = files["train"]
         if heldout_path is None and data.facts.heldout_people > 0:
             heldout_path = files["heldout"]
-        qa_path = qa_path or files["qa"]
+        if not qa_paths:
+            qa_paths = {name: files[f"qa_{split}"] for name, split in WORLD_QA_SETS.items()
+                        if files[f"qa_{split}"].stat().st_size > 0}
     else:
         train_path = data.train
     documents = read_documents(train_path, field=data.text_field)
@@ -141,10 +154,10 @@ def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer
         return pack_documents(tokenizer.encode_batch(docs), data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
 
     heldout_rows = pack(read_documents(heldout_path, field=data.text_field)) if heldout_path else None
-    qa_pairs = read_qa(qa_path) if qa_path else []
-    files = {"train": Path(train_path), "heldout": heldout_path and Path(heldout_path), "qa": qa_path and Path(qa_path),
-             "tokenizer": tokenizer_path}
-    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_pairs, files)
+    qa_sets = {name: read_qa(path) for name, path in qa_paths.items()}
+    files = {"train": Path(train_path), "heldout": heldout_path and Path(heldout_path),
+             **{f"qa.{name}": Path(path) for name, path in qa_paths.items()}, "tokenizer": tokenizer_path}
+    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_sets, files)
 
 
 class Trainer:
@@ -295,7 +308,7 @@ class Trainer:
         tcfg, ocfg = self.config.train, self.config.optim
         factor = lr_factor(self.step, tcfg.steps, tcfg.warmup_steps, tcfg.schedule, tcfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = factor * (ocfg.value_lr if group["name"] == "values" else ocfg.lr)
+            group["lr"] = factor * peak_lr(ocfg, group["name"])
         return factor
 
     def train_step(self) -> dict[str, float]:
@@ -351,7 +364,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, progress: bool = False) -> dict[str, float]:
-        """Held-out perplexity (``train.eval_batches``) and factual QA (the first ``train.eval_qa`` pairs)."""
+        """Held-out perplexity (``train.eval_batches``) and factual QA (the first ``train.eval_qa`` pairs
+        of every QA set: ``qa_em_<name>``, ``answer_nll_<name>``; the first set also as ``qa_em``)."""
         tcfg = self.config.train
         results: dict[str, float] = {}
         with self.autocast():
@@ -361,10 +375,12 @@ class Trainer:
                     rows = rows[: tcfg.eval_batches * tcfg.batch_size]
                 ppl = evaluate_perplexity(self.model, rows.to(self.device), batch_size=tcfg.batch_size)
                 results.update({"heldout_loss": ppl["loss"], "heldout_ppl": ppl["perplexity"]})
-            if self.data.qa_pairs:
-                pairs = self.data.qa_pairs[: tcfg.eval_qa or None]
+            for index, (name, pairs) in enumerate(self.data.qa_sets.items()):
+                pairs = pairs[: tcfg.eval_qa or None]
                 qa = evaluate_qa(self.model, self.data.tokenizer, pairs, batch_size=4 * tcfg.batch_size, progress=progress)
-                results.update({"qa_em": qa.exact_match, "answer_nll": qa.answer_nll})
+                results.update({f"qa_em_{name}": qa.exact_match, f"answer_nll_{name}": qa.answer_nll})
+                if index == 0:
+                    results.update({"qa_em": qa.exact_match, "answer_nll": qa.answer_nll})
         return results
 
     def save(self) -> Path:

@@ -129,6 +129,34 @@ def test_eval_from_run_dir_with_limit_prints_a_table(trained, qa_file, capsys):
     assert float(table["answer_nll"]) == pytest.approx(direct.answer_nll, abs=1e-4)
 
 
+def test_eval_scores_several_named_qa_sets(trained, capsys, tmp_path):
+    run_dir, checkpoint, _ = trained
+    seen, test = run_dir / "data" / "qa_seen.jsonl", run_dir / "data" / "qa_test.jsonl"
+    out_file = tmp_path / "eval.json"
+    assert main(["eval", str(checkpoint), "--qa", f"recall={seen}", "--qa", f"extraction={test}", "--limit", "5",
+                 "--json", "--device", "cpu", "--out", str(out_file)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    model, tokenizer, _ = load_pretrained(checkpoint)
+    for name, path in (("recall", seen), ("extraction", test)):
+        direct = evaluate_qa(model, tokenizer, read_qa(path)[:5], max_new_tokens=16, batch_size=64)
+        assert results[f"qa_exact_match_{name}"] == direct.exact_match
+        assert results[f"answer_nll_{name}"] == direct.answer_nll and results[f"qa_n_{name}"] == 5
+        assert json.loads(out_file.read_text())["predictions"][name] == direct.predictions
+    assert "qa_exact_match" not in results
+    for bad in ([f"--qa={seen}", f"--qa={test}"], ["--qa", f"bad name={seen}"]):
+        assert main(["eval", str(checkpoint), *bad, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--qa" in err
+
+
+def test_training_scores_recall_and_extraction_of_the_generated_world(trained):
+    run_dir, _, stdout = trained
+    summary = dict(line.split(None, 1) for line in stdout.splitlines() if line.strip())
+    for name in ("recall", "extraction", "validation"):
+        assert 0.0 <= float(summary[f"qa_em_{name}"]) <= 1.0 and float(summary[f"answer_nll_{name}"]) > 0
+    assert summary["qa_em"] == summary["qa_em_recall"]
+
+
 def test_generate_equals_greedy_decoding(trained, capsys):
     run_dir, checkpoint, _ = trained
     question = read_qa(run_dir / "data" / "qa.jsonl")[3]["question"]

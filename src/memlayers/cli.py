@@ -78,6 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qa_sets(specs: list[str]) -> dict[str, str]:
+    """``--qa`` values as named QA files: ``NAME=FILE``, or a bare ``FILE`` named ``qa``."""
+    from memlayers.train.config import QA_NAME
+
+    sets: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "qa", spec
+        if not QA_NAME.fullmatch(name) or not path:
+            raise ConfigError("--qa", f"{spec!r}: give FILE or NAME=FILE with a name of letters, digits and _")
+        if name in sets:
+            raise ConfigError("--qa", f"the QA set {name!r} is given twice; name each file (--qa recall=a.jsonl "
+                              "--qa extraction=b.jsonl)")
+        sets[name] = path
+    return sets
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Factual QA (exact match, answer NLL) and held-out perplexity of a checkpoint."""
     from memlayers.data.packing import pack_documents
@@ -87,16 +105,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from memlayers.eval.qa import evaluate_qa
     from memlayers.train.pretrained import load_pretrained
 
-    if args.qa is None and args.text is None:
-        raise ConfigError("", "give --qa FILE and/or --text FILE to evaluate")
+    if not args.qa and args.text is None:
+        raise ConfigError("", "give --qa FILE (or --qa NAME=FILE, repeatable) and/or --text FILE to evaluate")
+    qa_sets = _qa_sets(args.qa or [])
     model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
     results: dict[str, float] = {}
-    predictions = []
-    if args.qa is not None:
-        pairs = read_qa(args.qa)[: args.limit or None]
+    predictions: dict[str, list[dict]] = {}
+    for name, path in qa_sets.items():
+        pairs = read_qa(path)[: args.limit or None]
         qa = evaluate_qa(model, tokenizer, pairs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        results.update({"qa_exact_match": qa.exact_match, "answer_nll": qa.answer_nll, "qa_n": qa.n})
-        predictions = qa.predictions
+        suffix = "" if list(qa_sets) == ["qa"] else f"_{name}"
+        results.update({f"qa_exact_match{suffix}": qa.exact_match, f"answer_nll{suffix}": qa.answer_nll,
+                        f"qa_n{suffix}": qa.n})
+        predictions[name] = qa.predictions
     if args.text is not None:
         documents = read_documents(args.text)
         rows = pack_documents(tokenizer.encode_batch(documents), config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
@@ -104,7 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl = evaluate_perplexity(model, rows.to(device), batch_size=args.batch_size)
         results.update({"text_loss": ppl["loss"], "perplexity": ppl["perplexity"], "text_tokens": ppl["tokens"]})
     if args.out is not None:
-        Path(args.out).write_text(json.dumps({"results": results, "predictions": predictions}, indent=2))
+        saved = predictions.get("qa", []) if list(predictions) == ["qa"] else predictions
+        Path(args.out).write_text(json.dumps({"results": results, "predictions": saved}, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -253,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="factual QA and perplexity of a checkpoint")
     evaluate.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
-    evaluate.add_argument("--qa", help="QA .jsonl with question and answer fields")
+    evaluate.add_argument("--qa", action="append", metavar="[NAME=]FILE",
+                          help="QA .jsonl with question and answer fields; repeat with names to score several "
+                          "sets, e.g. --qa recall=seen.jsonl --qa extraction=unseen.jsonl")
     evaluate.add_argument("--text", help="held-out text (.txt or .jsonl) for perplexity")
     evaluate.add_argument("--limit", type=int, default=0, help="first N QA pairs only (0: all)")
     evaluate.add_argument("--max-new-tokens", type=int, default=16)

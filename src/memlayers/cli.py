@@ -168,6 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_ablations(args.ablations, args.out, overrides=args.overrides)
         print((Path(args.out) / "ablations.md").read_text())
         return 0
+    if args.claims:
+        from memlayers.demo.claims import run_claims
+
+        if args.tune or args.seeds is not None:
+            raise ConfigError("", "--claims takes its seeds from the claims preset (seeds: N); leave out --tune and --seeds")
+        preset = args.preset or ("demo_claims_quick" if args.quick else "demo_claims")
+        results = run_claims(preset, args.out, overrides=args.overrides)
+        print((Path(args.out) / "claims.md").read_text().split("\n\n![")[0])
+        print(f"wrote {args.out}/claims.md, claims.json and the figures in {results['seconds'] / 60:.1f} min")
+        return 0
     if args.tune:
         from memlayers.demo.runner import demo_config
         from memlayers.demo.tune import run_tuning
@@ -307,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
     demo.add_argument("--seeds", type=int, default=None,
                       help="train every run with N seeds; tables show mean and spread (default: the preset's seeds)")
+    demo.add_argument("--claims", action="store_true", help="check every claim of the paper over seeds "
+                      "(configs/demo_claims.yaml, or demo_claims_quick.yaml with --quick, or --preset FILE); "
+                      "writes claims.md, claims.json and figures")
     demo.add_argument("--tune", action="store_true", help="search every model kind's learning rates (the same "
                       "number of trials each) on the validation split; writes tuned.yaml and tuning.json")
     demo.set_defaults(func=cmd_demo)

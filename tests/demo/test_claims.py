@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -120,8 +121,8 @@ def test_learning_curves_are_read_from_every_seeds_metrics(tmp_path):
     demo = demo_config(True, ["train.batch_size=4", "train.steps=30"])
     data = DataConfig(vocab_size=demo.vocab_size, seq_len=demo.seq_len, facts=demo.facts)
     run = build_runs(demo, data, str(tmp_path), 500)[0]
-    run = run.__class__(run.name, run.kind, 0, run.config.__class__(
-        **{**run.config.__dict__, "train": run.config.train.__class__(**{**run.config.train.__dict__, "eval_every": 10})}))
+    train = dataclasses.replace(run.config.train, eval_every=10)
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, train=train))
     for seed, ems in ((0, (0.1, 0.2, 0.4)), (1, (0.3, 0.2, 0.6))):
         directory = tmp_path / "runs" / "dense" / f"seed{seed}"
         directory.mkdir(parents=True)

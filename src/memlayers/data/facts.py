@@ -300,6 +300,17 @@ class Person:
         return QUESTION_TEMPLATES[attribute].format(name=self.name)
 
 
+def split_indices(n: int, seen_fraction: float, rng: random.Random) -> dict[str, list[int]]:
+    """Indices ``0..n-1`` drawn into :data:`SPLITS` (each sorted): ``round(seen_fraction * n)``
+    seen, the rest halved into validation and test (test takes the odd one)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    n_seen = round(seen_fraction * n)
+    unseen = order[n_seen:]
+    chosen = {"seen": order[:n_seen], "validation": unseen[: len(unseen) // 2], "test": unseen[len(unseen) // 2 :]}
+    return {name: sorted(indices) for name, indices in chosen.items()}
+
+
 def _rng(config: FactWorldConfig, stream: str) -> random.Random:
     """An independent, reproducible random stream (string seeds do not depend on PYTHONHASHSEED)."""
     return random.Random(f"memlayers.facts/{config.seed}/{stream}")
@@ -334,12 +345,8 @@ class FactWorld:
         ``round(seen_fraction * n_people)`` people are seen; the unseen rest is
         halved into validation and test (test takes the odd one).
         """
-        order = list(range(len(self.people)))
-        _rng(self.config, "splits").shuffle(order)
-        n_seen = round(self.config.seen_fraction * len(order))
-        unseen = order[n_seen:]
-        chosen = {"seen": order[:n_seen], "validation": unseen[: len(unseen) // 2], "test": unseen[len(unseen) // 2 :]}
-        return {name: [self.people[i] for i in sorted(indices)] for name, indices in chosen.items()}
+        chosen = split_indices(len(self.people), self.config.seen_fraction, _rng(self.config, "splits"))
+        return {name: [self.people[i] for i in indices] for name, indices in chosen.items()}
 
     def qa_pairs(self, split: str | None = None) -> list[dict[str, str]]:
         """One ``{"question", "answer", "person", "attribute"}`` per person and attribute, person-major:

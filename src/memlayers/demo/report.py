@@ -123,7 +123,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _lrs(row: dict[str, Any]) -> str:
+def learning_rates(row: dict[str, Any]) -> str:
+    """A row's learning rates, e.g. ``lr 0.003, value_lr 0.01``."""
     extra = [f"{name} {row[name]:.2g}" for name in ("value_lr", "expert_lr") if row.get(name) is not None]
     return ", ".join([f"lr {row['lr']:.2g}", *extra])
 
@@ -149,7 +150,7 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         nll = f"{r['answer_nll_extraction']:.3f}" if "answer_nll_extraction" in r else "-"
         lines.append(
             f"| {r['name']} | {r['memory_slots'] or '-'} | {_fmt(r['params'])} | {_fmt(r['active_params'])} | "
-            f"{_fmt(r['flops_per_token'])} | {rel:.2f}x | {_lrs(r)} | {_em(r, 'qa_em_extraction')} | "
+            f"{_fmt(r['flops_per_token'])} | {rel:.2f}x | {learning_rates(r)} | {_em(r, 'qa_em_extraction')} | "
             f"{_em(r, 'qa_em_recall')} | {nll} | {ppl} | {r['tokens_per_s']:,.0f} |"
         )
     cfg = results["config"]

@@ -50,14 +50,14 @@ def test_unknown_run_and_bad_override_are_config_errors(tmp_path):
 
 def test_markdown_table_has_a_row_per_variant():
     rows = [
-        {"name": "a", "run": "dense", "overrides": [], "note": "", "qa_em": 0.25, "answer_nll": 1.5,
-         "heldout_ppl": None, "tokens_per_s": 1000.0},
+        {"name": "a", "run": "dense", "overrides": [], "note": "", "qa_em_recall": 0.25, "qa_em_extraction": 0.125,
+         "answer_nll_extraction": 1.5, "heldout_ppl": None, "tokens_per_s": 1000.0},
         {"name": "b", "run": "memory-64x64", "overrides": ["optim.value_lr=3e-2"], "note": "n",
-         "qa_em": 0.5, "answer_nll": 0.7, "heldout_ppl": 3.25, "tokens_per_s": 900.0},
+         "qa_em_recall": 0.5, "answer_nll_extraction": 0.7, "heldout_ppl": 3.25, "tokens_per_s": 900.0},
     ]
     table = markdown_table(rows, "Ablations")
-    assert "| a | dense | - | 25.0% | 1.500 | - | 1,000 |  |" in table
-    assert "| b | memory-64x64 | `optim.value_lr=3e-2` | 50.0% | 0.700 | 3.25 | 900 | n |" in table
+    assert "| a | dense | - | 12.5% | 25.0% | 1.500 | - | 1,000 |  |" in table
+    assert "| b | memory-64x64 | `optim.value_lr=3e-2` | - | 50.0% | 0.700 | 3.25 | 900 | n |" in table  # no extraction set
 
 
 def _ablation_file(tmp_path):

@@ -66,19 +66,28 @@ def build_variants(ablation: AblationConfig, suite: list[DemoRun], out_dir: Path
     return runs
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     """The ablation results as a markdown section."""
     lines = [
         f"## {title}",
         "",
-        "| variant | from | changes | QA EM | answer NLL | held-out ppl | tokens/s | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | from | changes | extraction EM | recall EM | answer NLL (extraction) | held-out ppl | tokens/s | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         changes = ", ".join(f"`{o}`" for o in r["overrides"]) or "-"
         ppl = f"{r['heldout_ppl']:.2f}" if r.get("heldout_ppl") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['run']} | {changes} | {r['qa_em']:.1%} | {r['answer_nll']:.3f} | {ppl} | "
+            f"| {r['name']} | {r['run']} | {changes} | {_percent(r.get('qa_em_extraction'))} | "
+            f"{_percent(r.get('qa_em_recall'))} | {_number(r.get('answer_nll_extraction'))} | {ppl} | "
             f"{r['tokens_per_s']:,.0f} | {r['note']} |"
         )
     return "\n".join(lines)
@@ -109,7 +118,8 @@ def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = N
             "run": v.run,
             "overrides": list(v.overrides),
             "note": v.note,
-            **{k: s.get(k) for k in ("qa_em", "answer_nll", "heldout_ppl", "tokens_per_s", "params", "flops_per_token")},
+            **{k: s.get(k) for k in ("qa_em", "answer_nll", "qa_em_recall", "qa_em_extraction", "answer_nll_recall",
+                                     "answer_nll_extraction", "heldout_ppl", "tokens_per_s", "params", "flops_per_token")},
         }
         for v, s in zip(ablation.variants, summaries, strict=True)
     ]

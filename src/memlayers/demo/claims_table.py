@@ -159,10 +159,23 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _finish(fig, axes, title: str, path) -> None:
+    """Title each panel with its score, format EM as percent, save and close."""
+    for ax, (_, score) in zip(axes, SCORES, strict=True):
+        ax.set_title(score, fontsize=10)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("factual QA exact match")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_learning(curves: dict[str, dict[str, Any]], path) -> None:
     """EM against training tokens for the curve runs (bands: spread over seeds)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True, sharey=True)
-    for ax, (key, score) in zip(axes, SCORES, strict=True):
+    for ax, (key, _) in zip(axes, SCORES, strict=True):
         for (name, curve), color in zip(curves.items(), ("gray", "tab:blue", "tab:orange", "black"), strict=False):
             x = [t / 1e6 for t in curve["tokens"]]
             mean, spread = curve[key]["mean"], curve[key]["spread"]
@@ -170,14 +183,7 @@ def plot_learning(curves: dict[str, dict[str, Any]], path) -> None:
             ax.fill_between(x, [m - s for m, s in zip(mean, spread, strict=True)],
                             [m + s for m, s in zip(mean, spread, strict=True)], color=color, alpha=0.15)
         ax.set_xlabel("training tokens (M)")
-        ax.set_title(score, fontsize=10)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("factual QA exact match")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("Learning speed: QA exact match during training")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, axes, "Learning speed: QA exact match during training", path)
 
 
 def plot_layers(layers: list[dict[str, Any]], dense: dict[str, Any] | None, path) -> None:
@@ -185,18 +191,11 @@ def plot_layers(layers: list[dict[str, Any]], dense: dict[str, Any] | None, path
     rows = sorted(layers, key=lambda r: r["memory_layer_count"])
     counts = [r["memory_layer_count"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True, sharey=True)
-    for ax, (key, score) in zip(axes, SCORES, strict=True):
+    for ax, (key, _) in zip(axes, SCORES, strict=True):
         ax.errorbar(counts, [r[key] for r in rows], yerr=[r.get(f"{key}_spread", 0.0) for r in rows],
                     fmt="o-", capsize=3, color="tab:blue", label="memory layers (one shared memory)")
         if dense is not None:
             ax.axhline(dense[key], color="gray", linestyle=":", label=f"{dense['name']}")
         ax.set_xticks(counts)
         ax.set_xlabel("memory layers")
-        ax.set_title(score, fontsize=10)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("factual QA exact match")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("How many memory layers (same total memory, deeper model)")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, axes, "How many memory layers (same total memory, deeper model)", path)

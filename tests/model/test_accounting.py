@@ -7,7 +7,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from memlayers.memory.config import MemoryConfig
-from memlayers.memory.layer import MemoryLayer
 from memlayers.model import ModelConfig, MoEConfig, Transformer, count_flops, count_parameters
 
 
@@ -135,7 +134,7 @@ def test_shared_pool_active_rows_are_capped_at_pool_size():
 
 
 def _model_memory_params(model: Transformer) -> int:
-    memory_modules = [block.ffn for block in model.layers if isinstance(block.ffn, MemoryLayer)]
+    memory_modules = model.memory_layers()  # in either memory mode
     total = sum(p.numel() for module in memory_modules for p in module.parameters())
     if model.memory_pool is not None:
         total += sum(p.numel() for p in model.memory_pool.parameters())
@@ -177,6 +176,7 @@ CONFIGS = {
         "memory_layers": (0,),
         "memory": {**MEMORY, "variant": "peer", "shared_values": False},
     },
+    "parallel": {"memory_layers": (1,), "memory_mode": "parallel", "memory": {**MEMORY, "gated": True}},
     "moe": {"moe_layers": (0,), "moe": {"n_experts": 3, "top_k": 2, "hidden_dim": 5}},
     "moe_default_hidden": {"moe_layers": (1,), "moe": {"n_experts": 2, "top_k": 1}},
     "everything": {
@@ -207,7 +207,7 @@ def test_count_matches_the_real_model(tiny_config, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["dense_untied", "gqa", "moe", "shared_pool", "value_dim", "everything"]
+    "name", ["dense_untied", "gqa", "moe", "shared_pool", "value_dim", "parallel", "everything"]
 )
 def test_matmul_and_key_search_flops_match_torch_flop_counter(tiny_config, name):
     """torch's FlopCounterMode counts the matmuls of a real forward (not the embedding bag or

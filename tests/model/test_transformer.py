@@ -17,6 +17,7 @@ FFN_CASES = {
     "memory": ({"memory_layers": (1,)}, ["dense", "memory"]),
     "moe": ({"moe_layers": (1,)}, ["dense", "moe"]),
     "peer": ({"memory_layers": (1,), "memory": {"variant": "peer"}}, ["dense", "peer"]),
+    "parallel": ({"memory_layers": (1,), "memory_mode": "parallel"}, ["dense", "memory"]),
     "mixed": (
         {
             "n_layers": 3,
@@ -55,7 +56,9 @@ def test_future_tokens_do_not_change_past_logits(tiny_config, case, n_kv_heads):
     model = _model(config)
     assert [block.kind for block in model.layers] == kinds
     for block, kind in zip(model.layers, kinds, strict=True):
-        assert isinstance(block.ffn, FFN_TYPES[kind])
+        beside = config.memory_mode == "parallel" and kind == "memory"  # the FFN stays, the memory beside it
+        assert isinstance(block.ffn, FeedForward if beside else FFN_TYPES[kind])
+        assert isinstance(block.memory, MemoryLayer) if beside else block.memory is None
     assert model.layers[0].attention.n_kv_heads == (n_kv_heads or 4)
 
     T = config.max_seq_len
@@ -127,6 +130,28 @@ def test_forward_shapes(tiny_config, case):
         assert out.aux_loss is None
     out = model(tokens, targets=_tokens(config, (3, 7), seed=5))
     assert out.loss.shape == () and torch.isfinite(out.loss)
+
+
+def test_parallel_memory_is_added_beside_the_dense_ffn(tiny_config):
+    """memory_mode=parallel: the block keeps its dense FFN and adds the memory's output to it,
+    reading the same normed input; replace mode has the memory instead of the FFN."""
+    config = tiny_config(memory_layers=(1,), memory_mode="parallel")
+    model = _model(config)
+    block = model.layers[1]
+    assert isinstance(block.ffn, FeedForward) and isinstance(block.memory, MemoryLayer)
+    assert model.layers[0].memory is None and model.memory_layers() == [block.memory]
+    h = torch.randn(2, 5, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    block.ffn_norm.register_forward_hook(lambda module, args, out: seen.setdefault("normed", out))
+    block.attention.register_forward_hook(lambda module, args, out: seen.setdefault("attended", out))
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    out = block(h, cos, sin)
+    after_attention = h + seen["attended"]
+    expected = after_attention + block.ffn(seen["normed"]) + block.memory(seen["normed"])
+    torch.testing.assert_close(out, expected)
+    assert (block.memory(seen["normed"]).abs() > 0).any()  # the memory contributes
+    replaced = _model(tiny_config(memory_layers=(1,)))
+    assert isinstance(replaced.layers[1].ffn, MemoryLayer) and replaced.layers[1].memory is None
 
 
 def _manual_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

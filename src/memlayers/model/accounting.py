@@ -109,6 +109,8 @@ def count_parameters(config: ModelConfig) -> ParamCounts:
         else:
             total += _memory_layer_params(c)
             memory += _memory_layer_params(c)
+            if c.memory_mode == "parallel":  # the dense FFN stays beside the memory
+                total += 3 * c.dim * c.ffn_hidden
     row = _pool_row_size(c)
     reads_per_layer = c.memory.heads * c.memory.knn
     for readers in _pools(c):
@@ -138,6 +140,8 @@ def count_flops(config: ModelConfig, seq_len: int | None = None) -> FlopCounts:
         elif kind == "moe":
             matmul += 2 * c.dim * c.moe.n_experts + c.moe.top_k * 2 * 3 * c.dim * c.expert_hidden
         else:
+            if c.memory_mode == "parallel":
+                matmul += 2 * 3 * c.dim * c.ffn_hidden
             matmul += 2 * c.dim * m.heads * m.k_dim  # query projection
             if m.variant == "plus":
                 matmul += 2 * 2 * c.dim * value_dim

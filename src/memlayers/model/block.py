@@ -13,9 +13,10 @@ from memlayers.model.ffn import FeedForward, MoE
 
 
 def build_ffn(config: ModelConfig, layer: int, pool: MemoryPool | None) -> nn.Module:
-    """The FFN module of block ``layer`` as the config chooses it."""
+    """The FFN module of block ``layer`` as the config chooses it (in ``parallel`` memory
+    mode a memory block keeps its dense FFN: see :class:`Block`)."""
     kind = config.ffn_kind(layer)
-    if kind in ("memory", "peer"):
+    if kind in ("memory", "peer") and config.memory_mode == "replace":
         return MemoryLayer(config.dim, config.memory, pool=pool)
     if kind == "moe":
         return MoE(config.dim, config.expert_hidden, config.moe)
@@ -23,7 +24,8 @@ def build_ffn(config: ModelConfig, layer: int, pool: MemoryPool | None) -> nn.Mo
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))`` then ``h + ffn(norm(h))``."""
+    """``x + attn(norm(x))`` then ``h + ffn(norm(h))``; in ``parallel`` memory mode a memory
+    block adds ``memory(norm(h))`` beside its dense ``ffn``."""
 
     def __init__(self, config: ModelConfig, layer: int, pool: MemoryPool | None = None):
         super().__init__()
@@ -33,6 +35,8 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = build_ffn(config, layer, pool)
+        beside = self.kind in ("memory", "peer") and config.memory_mode == "parallel"
+        self.memory = MemoryLayer(config.dim, config.memory, pool=pool) if beside else None
 
     def forward(
         self,
@@ -45,4 +49,7 @@ class Block(nn.Module):
         """Apply the block to ``x`` ``(B, T, dim)`` (after ``cache``'s positions, when given;
         ``mask`` as in :meth:`Attention.forward`)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, mask)  # (B, T, dim)
-        return h + self.ffn(self.ffn_norm(h))  # (B, T, dim)
+        normed = self.ffn_norm(h)  # (B, T, dim)
+        if self.memory is None:
+            return h + self.ffn(normed)  # (B, T, dim)
+        return h + self.ffn(normed) + self.memory(normed)  # (B, T, dim)

@@ -39,8 +39,10 @@ class ModelConfig:
     """Shape of the decoder LM. Layer indices are 0-based.
 
     ``memory_layers`` lists the blocks whose FFN is a memory layer (PEER when
-    ``memory.variant == "peer"``); ``moe_layers`` those whose FFN is a MoE.
-    All other blocks keep a dense SwiGLU FFN.
+    ``memory.variant == "peer"``), or, with ``memory_mode="parallel"``, whose
+    dense FFN gets a memory layer beside it (``ffn(x) + memory(x)``, as the
+    retrofit's parallel mode and UltraMemV2 place it); ``moe_layers`` those whose
+    FFN is a MoE. All other blocks keep a dense SwiGLU FFN.
     """
 
     dim: int = 256
@@ -60,6 +62,9 @@ class ModelConfig:
     init_std: float = 0.02
     memory_layers: tuple[int, ...] = ()
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    memory_mode: Literal["replace", "parallel"] = "replace"
+    """replace: the memory layer is the block's FFN (the paper); parallel: it is added beside
+    the block's dense FFN, which stays."""
     moe_layers: tuple[int, ...] = ()
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -85,6 +85,8 @@ class Transformer(nn.Module):
                 ffn.reset_parameters(std, residual_std)
             else:
                 ffn.reset_parameters()
+            if block.memory is not None:
+                block.memory.reset_parameters()
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()

@@ -35,7 +35,7 @@ class DataConfig:
     """Named sets of question/answer pairs (.jsonl with question and answer) for factual QA,
     e.g. ``{recall: seen.jsonl, extraction: unseen.jsonl}``: each is scored as ``qa_em_<name>``
     and ``answer_nll_<name>``, the first also as ``qa_em``. A single path is the set ``qa``.
-    Without it a generated fact world gives recall (seen), extraction (test) and validation."""
+    Without it a generated fact world gives recall (its seen split) and extraction (its test split)."""
     text_field: str = "text"
     tokenizer: str | None = None
     """An existing tokenizer.json; without it a byte-level BPE is trained on the training text."""

@@ -90,8 +90,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to do."""
 
 
-WORLD_QA_SETS = {"recall": "seen", "extraction": "test", "validation": "validation"}
-"""The QA sets of a generated fact world: set name -> split (sets of empty splits are left out)."""
+WORLD_QA_SETS = {"recall": "seen", "extraction": "test"}
+"""The QA sets a run scores on its generated fact world: set name -> split (sets of empty splits
+are left out). The validation split is for tuning: ``data.qa.validation=RUN/data/qa_validation.jsonl``."""
 
 
 @dataclass

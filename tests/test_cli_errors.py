@@ -124,3 +124,18 @@ def test_other_errors_are_not_hidden(monkeypatch):
     monkeypatch.setattr("memlayers.cli.cmd_info", bug)
     with pytest.raises(ZeroDivisionError):
         main(["info", "tiny"])
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    (["demo", "--claims", "--seeds", "3"], "--claims takes its seeds from the claims preset"),
+    (["demo", "--tune", "--seeds", "2"], "--tune trains one seed per trial"),
+    (["demo", "--quick", "--seeds", "0"], "seeds: must be in [1, 100]"),
+    (["demo", "--ablations", "configs/demo_ablations.yaml", "--seeds", "2"], "--tune and --seeds do not apply"),
+    (["demo", "--tune", "--quick", "tune.trials=5"], "tune.trials: must be a perfect square"),
+    (["demo", "--quick", "lrs.dense.value_lr=0.1"], "lrs.dense.value_lr: dense has the learning rates ['lr']"),
+    (["demo", "--claims", "--quick", "seeds=2"], "seeds: a claims run trains 3 seeds"),  # never ignored
+])
+def test_demo_modes_refuse_what_does_not_apply_before_training(capsys, tmp_path, command, says):
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    assert says in one_line(capsys)
+    assert not (tmp_path / "out" / "runs").exists()  # nothing was trained

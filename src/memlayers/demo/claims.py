@@ -121,6 +121,8 @@ def run_claims(path: str | Path, out_dir: str | Path, overrides: list[str] = ())
     """Train every part of a claims file (``overrides`` reach its demo preset); write the outputs."""
     start = time.perf_counter()
     claims = load_config(ClaimsConfig, path)
+    check(not any(o.split("=", 1)[0].strip() == "seeds" for o in overrides), "seeds",
+          f"a claims run trains {claims.seeds} seeds, as its preset {path} says; change seeds there, not in the demo's")
     demo = demo_config(False, [*claims.demo_overrides, *overrides], preset=claims.preset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

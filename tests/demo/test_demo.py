@@ -273,3 +273,18 @@ def test_run_demo_end_to_end(tmp_path):
     for line in summary_lines(saved):
         assert line in report
     assert not any(p.name.startswith(".") for p in out_dir.iterdir())  # no temporary files left
+
+
+def test_parallel_memory_needs_a_wider_flops_tolerance_and_keeps_the_matching(tmp_path):
+    """memory_mode=parallel keeps each memory block's FFN: at the demo's width that costs 1.14x
+    the dense FLOPs, refused at the default tolerance and accepted when asked for."""
+    with pytest.raises(ConfigError, match="flops_tolerance"):
+        demo = demo_config(False, ["model.memory_mode=parallel"])
+        build_runs(demo, DataConfig(vocab_size=demo.vocab_size, seq_len=demo.seq_len, facts=demo.facts), str(tmp_path), 2048)
+    demo = demo_config(False, ["model.memory_mode=parallel", "flops_tolerance=0.15"])
+    data = DataConfig(vocab_size=demo.vocab_size, seq_len=demo.seq_len, facts=demo.facts)
+    runs = build_runs(demo, data, str(tmp_path), 2048)
+    memory = [r for r in runs if r.kind == "memory"]
+    assert all(r.config.model.memory_mode == "parallel" for r in memory)
+    largest, moe = memory[-1], next(r for r in runs if r.kind == "moe")
+    assert abs(flops(moe, demo.seq_len) / flops(largest, demo.seq_len) - 1) <= 0.10  # MoE matched to it

@@ -83,3 +83,33 @@ def test_demo_lrs_apply_per_kind_and_are_checked(tmp_path):
             demo_config(True, [override])
         assert str(info.value).startswith(key), override
     assert dataclasses.replace(demo, lrs={}).optim_for("dense") == demo.optim
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_toy_tuning_writes_its_choice_and_resumes_after_an_interruption(tmp_path):
+    import json
+    import sys
+
+    import yaml
+
+    from memlayers.demo.tune import run_tuning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_demo import TOY
+
+    demo = demo_config(True, [*TOY, "tune.trials=1", "memory_sizes=[4,8]"])
+    lrs = run_tuning(demo, tmp_path)
+    assert set(lrs) == {"dense", "memory", "moe", "dense_big"}
+    assert yaml.safe_load((tmp_path / "tuned.yaml").read_text()) == {"lrs": lrs}
+    record = json.loads((tmp_path / "tuning.json").read_text())
+    assert record["selected_on"] == "validation" and len(record["trials"]) == 4
+    assert all(set(t) >= {"kind", "lr", "qa_em_validation"} for t in record["trials"])
+    # interrupt one trial (its final evaluation is lost): a rerun trains it alone, the rest are read back
+    metrics = tmp_path / "tune" / "dense" / "trial0" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
+    kept = (tmp_path / "tune" / "moe" / "trial0" / "metrics.jsonl").stat().st_mtime_ns
+    assert run_tuning(demo, tmp_path) == lrs
+    assert (tmp_path / "tune" / "moe" / "trial0" / "metrics.jsonl").stat().st_mtime_ns == kept
+    assert any((tmp_path / "tune" / "dense" / "trial0" / "replaced").iterdir())  # the interrupted try, kept aside
+    assert json.loads((tmp_path / "tuning.json").read_text())["trials"] == record["trials"]

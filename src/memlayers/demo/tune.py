@@ -30,6 +30,8 @@ from memlayers.config import to_dict
 from memlayers.demo.runner import prepare_world, train_suite
 from memlayers.demo.suite import TUNED, DemoConfig, DemoRun, TuneConfig, build_runs
 from memlayers.train.config import DataConfig
+from memlayers.train.metrics import read_metrics
+from memlayers.train.run_dir import move_aside
 
 
 def _logspace(low: float, high: float, n: int) -> list[float]:
@@ -82,15 +84,33 @@ def select(trials: list[tuple[DemoRun, dict[str, float]]], summaries: list[dict[
     return {kind: setting for kind, (_, setting) in best.items()}
 
 
+def finished(run: DemoRun) -> dict[str, Any] | None:
+    """The final validation scores of a trial that an earlier ``--tune`` into the same directory
+    completed (its metrics.jsonl has them at the last step), else None."""
+    path = Path(run.config.train.out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    final = [r for r in read_metrics(path.parent)
+             if r.get("step") == run.config.train.steps and "qa_em_validation" in r and "answer_nll_validation" in r]
+    return final[-1] if final else None
+
+
 def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, dict[str, float]]:
     """Train every trial on the demo's world, write tuning.json and tuned.yaml into
-    ``out_dir``, return the selected ``lrs``."""
+    ``out_dir``, return the selected ``lrs``. Run again into the same ``out_dir`` after an
+    interruption, it trains only the trials that did not finish."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_world(demo, out_dir)
     trials = tuning_runs(demo, data, out_dir, tokenizer.vocab_size)
-    summaries = train_suite([run for run, _ in trials], demo.workers)
+    summaries: list[dict[str, Any] | None] = [finished(run) for run, _ in trials]
+    todo = [run for (run, _), summary in zip(trials, summaries, strict=True) if summary is None]
+    for run in todo:  # an interrupted trial starts again; what it wrote is kept under replaced/
+        if Path(run.config.train.out_dir).is_dir():
+            move_aside(Path(run.config.train.out_dir))
+    fresh = iter(train_suite(todo, demo.workers))
+    summaries = [summary if summary is not None else next(fresh) for summary in summaries]
     chosen = select(trials, summaries)
     record = {
         "config": to_dict(demo),

@@ -209,7 +209,7 @@ def test_ctrl_c_stops_the_demo_and_its_workers(tmp_path):
     command = Command([sys.executable, "-m", "memlayers.cli", "demo", "--quick", "--out", str(out), *TOY, NEVER_ENDS],
                       tmp_path)
     # both workers are training
-    command.wait_until(lambda: sum(metrics_lines(run) > 0 for run in out.glob("runs/*")) == 2, "two runs logged")
+    command.wait_until(lambda: sum(metrics_lines(run) > 0 for run in out.glob("runs/*/seed*")) == 2, "two runs logged")
     send(command, signal.SIGINT)
     assert_stopped_cleanly(command, signal.SIGINT)
 

@@ -86,7 +86,9 @@ def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     total = sum(run.config.train.steps for run in runs)
     # the costliest runs first, so that no worker is left with a long run at the end
     order = sorted(range(len(runs)), key=lambda i: -count_flops(runs[i].config.model).total * runs[i].config.train.steps)
-    names = [f"{run.name} (seed {run.config.train.seed})" for run in runs]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # the same run with several seeds
+        names = [f"{run.name} (seed {run.config.train.seed})" for run in runs]
     jobs = [(names[i], (runs[i].config,)) for i in order]
     steps = dict.fromkeys(names, 0)
     with tqdm(total=total, unit="step", desc="demo", dynamic_ncols=True) as bar:

@@ -140,13 +140,13 @@ def test_learning_curves_are_read_from_every_seeds_metrics(tmp_path):
 @pytest.mark.multiprocess
 def test_a_toy_claims_run_writes_its_table_and_figures(tmp_path):
     path = tmp_path / "claims.yaml"
-    path.write_text("preset: demo_quick\nseeds: 2\ncurve_points: 2\ndeep_layers: 3\nlayer_counts: [2]\n")
+    path.write_text("preset: demo_quick\nseeds: 2\ncurve_points: 2\ndeep_layers: 3\nlayer_counts: [2]\nall_ffn: false\n")
     results = run_claims(path, tmp_path / "out", overrides=[*TOY, "memory_sizes=[4,8]"])
     out = tmp_path / "out"
     saved = json.loads((out / "claims.json").read_text())
     assert saved["claims"] == results["claims"] == claim_rows(saved)
     assert [r["memory_layer_count"] for r in saved["layers"]] == [2] and saved["deep_dense"]["kind"] == "dense"
-    assert saved["all_ffn"]["name"] == "memory-in-every-block"
+    assert saved["all_ffn"] is None  # not asked for (its runs are checked in test_claim_runs)
     assert set(saved["curves"]) == {"dense", "memory-8x8"}
     assert saved["curves"]["dense"]["steps"] == [2, 4]  # every 4 // 2 steps; the last is the final evaluation
     for figure in ("figure.png", "learning.png", "layers.png"):

@@ -23,14 +23,14 @@ pytest.importorskip("airportsdata")
 @pytest.mark.multiprocess
 def test_dense_and_memory_train_on_the_airports_through_the_command_line(tmp_path):
     toy = [o for o in TOY if not o.startswith("facts.")]
-    results = run_real_facts(tmp_path, quick=True, seeds=2, kinds=("dense", "memory"),
+    results = run_real_facts(tmp_path, quick=True, seeds=1, kinds=("dense", "memory"),
                              facts=AirportFactsConfig(n_airports=24, docs_per_airport=2), overrides=toy)
     assert [r["name"] for r in results["runs"]] == ["dense", "memory-32x32"]
     for row in results["runs"]:
-        assert row["seeds"] == 2 and len(row["per_seed"]) == 2
+        assert row["seeds"] == 1 and len(row["per_seed"]) == 1 and row["qa_em_extraction_spread"] == 0.0
         assert 0 <= row["qa_em_extraction"] <= 1 and row["answer_nll_extraction"] > 0
         assert row["tokens_per_s"] > 0 and row["params"] > 0
-        for seed in (0, 1):  # each run was a YAML trained by `memlayers train`, reading the airport files
+        for seed in (0,):  # each run was a YAML trained by `memlayers train`, reading the airport files
             config = load_config(RunConfig, tmp_path / "runs" / row["checkpoint"].split("/")[1] / f"seed{seed}.yaml")
             assert config.train.seed == seed
             assert config.data.qa == {"recall": str(tmp_path / "data" / "qa_seen.jsonl"),

@@ -140,7 +140,7 @@ def test_learning_curves_are_read_from_every_seeds_metrics(tmp_path):
 @pytest.mark.multiprocess
 def test_a_toy_claims_run_writes_its_table_and_figures(tmp_path):
     path = tmp_path / "claims.yaml"
-    path.write_text("preset: demo_quick\nseeds: 2\ncurve_points: 2\ndeep_layers: 3\nlayer_counts: [2]\nall_ffn: false\n")
+    path.write_text("preset: demo_quick\nseeds: 1\ncurve_points: 2\ndeep_layers: 3\nlayer_counts: [2]\nall_ffn: false\n")
     results = run_claims(path, tmp_path / "out", overrides=[*TOY, "memory_sizes=[4,8]"])
     out = tmp_path / "out"
     saved = json.loads((out / "claims.json").read_text())

@@ -30,7 +30,7 @@ from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import learning_rates
 from memlayers.demo.runner import demo_config, result_rows, with_seeds
 from memlayers.demo.stats import row_estimate
-from memlayers.demo.suite import DemoRun, build_runs
+from memlayers.demo.suite import DemoConfig, DemoRun, build_runs, largest_of_each_kind
 from memlayers.procs import run_all
 from memlayers.train.config import DataConfig
 from memlayers.train.metrics import read_metrics
@@ -51,22 +51,16 @@ def train_from_cli(config_path: str, send: Callable[[Any], None]) -> dict[str, A
     return {**summary, "checkpoint": printed["checkpoint"].strip()}
 
 
-def real_fact_runs(out_dir: Path, quick: bool, kinds: tuple[str, ...], facts: AirportFactsConfig,
-                   overrides: list[str] = ()) -> list[DemoRun]:
-    """Write the airport files and tokenizer under ``out_dir/data``; the demo suite's runs of
+def real_fact_runs(out_dir: Path, demo: DemoConfig, kinds: tuple[str, ...], facts: AirportFactsConfig) -> list[DemoRun]:
+    """Write the airport files and tokenizer under ``out_dir/data``; the ``demo`` suite's runs of
     ``kinds`` (the largest memory for ``memory``) reading them."""
-    demo = demo_config(quick, overrides)
     files = write_airport_facts(facts, out_dir / "data")
     tokenizer = Tokenizer.train(read_documents(files["train"]), demo.vocab_size)
     tokenizer.save(out_dir / "data" / "tokenizer.json")
     data = DataConfig(train=str(files["train"]), tokenizer=str(out_dir / "data" / "tokenizer.json"),
                       qa={"recall": str(files["qa_seen"]), "extraction": str(files["qa_test"])},
                       vocab_size=demo.vocab_size, seq_len=demo.seq_len)
-    suite = build_runs(demo, data, str(out_dir), tokenizer.vocab_size)
-    chosen = {}
-    for run in suite:  # memory runs come smallest first: the last one is kept
-        if run.kind in kinds:
-            chosen[run.kind] = run
+    chosen = largest_of_each_kind(build_runs(demo, data, str(out_dir), tokenizer.vocab_size))
     return [chosen[kind] for kind in kinds if kind in chosen]
 
 
@@ -78,7 +72,8 @@ def run_real_facts(out_dir: str | Path, quick: bool = False, seeds: int = 3,
     start = time.perf_counter()
     out_dir = Path(out_dir)
     facts = facts or AirportFactsConfig()
-    runs = real_fact_runs(out_dir, quick, kinds, facts, list(overrides))
+    demo = demo_config(quick, list(overrides))
+    runs = real_fact_runs(out_dir, demo, kinds, facts)
     seeded = with_seeds(runs, seeds)
     jobs = []
     for run in seeded:
@@ -86,7 +81,6 @@ def run_real_facts(out_dir: str | Path, quick: bool = False, seeds: int = 3,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
         jobs.append((f"{run.name} (seed {run.config.train.seed})", (str(path),)))
-    demo = demo_config(quick, overrides)
     summaries = run_all(train_from_cli, jobs, demo.workers)
     results = {
         "runs": result_rows(runs, summaries, seeds, out_dir),

@@ -182,6 +182,11 @@ def build_runs(demo: DemoConfig, data: DataConfig, out_dir: str, vocab_size: int
     return runs
 
 
+def largest_of_each_kind(runs: list[DemoRun]) -> dict[str, DemoRun]:
+    """One run per kind: the last of it in ``runs`` (for memory, built smallest first, the largest)."""
+    return {run.kind: run for run in runs}
+
+
 def check_matching(runs: list[DemoRun], tolerance: float = 0.10) -> None:
     """Memory runs within ``tolerance`` of dense FLOPs and dense-big >= 4x, or a ConfigError."""
     flops = {run.name: count_flops(run.config.model).total for run in runs}

@@ -28,7 +28,14 @@ import yaml
 
 from memlayers.config import to_dict
 from memlayers.demo.runner import prepare_world, train_suite
-from memlayers.demo.suite import TUNED, DemoConfig, DemoRun, TuneConfig, build_runs
+from memlayers.demo.suite import (
+    TUNED,
+    DemoConfig,
+    DemoRun,
+    TuneConfig,
+    build_runs,
+    largest_of_each_kind,
+)
 from memlayers.train.config import DataConfig
 from memlayers.train.metrics import read_metrics
 from memlayers.train.run_dir import move_aside
@@ -60,11 +67,8 @@ def tuning_runs(demo: DemoConfig, data: DataConfig, out_dir: Path, vocab_size: i
     validation = str(Path(data.qa["extraction"]).with_name("qa_validation.jsonl"))
     tuned_data = dataclasses.replace(data, qa={"validation": validation})
     suite = build_runs(dataclasses.replace(demo, lrs={}), tuned_data, str(out_dir / "tune"), vocab_size)
-    representative = {}
-    for run in suite:  # memory runs come smallest first: the last one is the largest
-        representative[run.kind] = run
     trials = []
-    for kind, run in representative.items():
+    for kind, run in largest_of_each_kind(suite).items():
         for index, setting in enumerate(grid(kind, demo.tune)):
             optim = dataclasses.replace(run.config.optim, **setting)
             train = dataclasses.replace(run.config.train, out_dir=f"{out_dir}/tune/{kind}/trial{index}")

@@ -131,7 +131,7 @@ def test_other_errors_are_not_hidden(monkeypatch):
     (["demo", "--tune", "--seeds", "2"], "--tune trains one seed per trial"),
     (["demo", "--quick", "--seeds", "0"], "seeds: must be in [1, 100]"),
     (["demo", "--ablations", "configs/demo_ablations.yaml", "--seeds", "2"], "--tune and --seeds do not apply"),
-    (["demo", "--tune", "--quick", "tune.trials=5"], "tune.trials: must be a perfect square"),
+    (["demo", "--tune", "--quick", "tune.refine_trials=9"], "tune.refine_trials: must be >= 0 and < lr_trials"),
     (["demo", "--quick", "lrs.dense.value_lr=0.1"], "lrs.dense.value_lr: dense has the learning rates ['lr']"),
     (["demo", "--claims", "--quick", "seeds=2"], "seeds: a claims run trains 3 seeds"),  # never ignored
 ])

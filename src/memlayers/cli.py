@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(configs/demo_claims.yaml, or demo_claims_quick.yaml with --quick, or --preset FILE); "
                       "writes claims.md, claims.json and figures")
     demo.add_argument("--tune", action="store_true", help="search every model kind's learning rates (the same "
-                      "number of trials each) on the validation split; writes tuned.yaml and tuning.json")
+                      "lr values for all, then each kind's second rate or a finer lr; the same number of trials "
+                      "each) on the validation split; writes tuned.yaml and tuning.json")
     demo.set_defaults(func=cmd_demo)
 
     for name, text in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -10,27 +11,60 @@ import pytest
 from memlayers.config import ConfigError
 from memlayers.demo import demo_config
 from memlayers.demo.suite import TUNED, TuneConfig
-from memlayers.demo.tune import grid, select, tuning_runs
+from memlayers.demo.tune import (
+    first_stage,
+    first_stage_runs,
+    second_stage,
+    second_stage_runs,
+    select,
+)
 from memlayers.train.config import DataConfig
 
 
-@pytest.mark.parametrize("trials", [1, 4, 9, 16])
-def test_every_kind_gets_the_same_number_of_distinct_trials_over_its_own_rates(trials):
-    tune = TuneConfig(trials=trials, lr_range=(1e-3, 3e-2), ratio_range=(1.0, 10.0))
+def _distinct(settings):
+    return len({tuple(sorted(s.items())) for s in settings}) == len(settings)
+
+
+@pytest.mark.parametrize(("lr_trials", "refine_trials"), [(1, 0), (4, 3), (6, 3), (6, 5)])
+def test_every_kind_gets_the_same_lrs_then_the_same_number_of_refinements(lr_trials, refine_trials):
+    tune = TuneConfig(lr_trials=lr_trials, refine_trials=refine_trials, lr_range=(1e-3, 3e-2), ratio_range=(1.0, 10.0))
+    shared = [s["lr"] for s in first_stage("dense", tune)]
+    assert len(shared) == lr_trials and shared[0] == 1e-3 and (lr_trials == 1 or shared[-1] == 3e-2)
     for kind, names in TUNED.items():
-        settings = grid(kind, tune)
-        assert len(settings) == trials
-        assert all(tuple(s) == names for s in settings)
-        assert len({tuple(s.values()) for s in settings}) == trials  # no trial repeated
-        assert all(1e-3 <= s["lr"] <= 3e-2 for s in settings)
+        first = first_stage(kind, tune)
+        assert [s["lr"] for s in first] == shared  # stage 1: one lr search for every kind
+        assert all(tuple(s) == names for s in first)
         if len(names) == 2:
-            assert all(0.99 <= s[names[1]] / s["lr"] <= 10.01 for s in settings)
-    assert grid("dense", TuneConfig(trials=4, lr_range=(1e-3, 8e-3)))[-1] == {"lr": 8e-3}
+            assert all(s[names[1]] == pytest.approx(s["lr"] * 10**0.5, rel=1e-2) for s in first)
+        for best in (first[0], first[-1], first[len(first) // 2]):
+            second = second_stage(kind, tune, best)
+            assert len(first) + len(second) == tune.trials == lr_trials + refine_trials
+            assert _distinct(first + second)  # no trial repeated
+            assert all(tuple(s) == names and 1e-3 <= s["lr"] <= 3e-2 for s in second)
+            if len(names) == 2:  # the second rate searched at the best lr
+                assert all(s["lr"] == best["lr"] and 0.99 <= s[names[1]] / s["lr"] <= 10.01 for s in second)
+            else:  # lrs between stage-1 neighbours, the nearest to the best
+                gaps = [abs(math.log(s["lr"] / best["lr"])) for s in second]
+                step = math.log(30) / max(lr_trials - 1, 1)
+                assert all(gap < (refine_trials - 0.5) * step * 1.01 for gap in gaps)  # at worst from an edge
+                assert not set(s["lr"] for s in second) & set(shared)
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"trials": 8}, "trials"), ({"trials": 0}, "trials"),
+def test_refinements_of_a_one_rate_kind_are_the_midpoints_next_to_its_best():
+    tune = TuneConfig(lr_trials=4, refine_trials=2, lr_range=(1e-3, 8e-3))  # stage 1: 1, 2, 4, 8 (e-3)
+    assert [s["lr"] for s in first_stage("dense_big", tune)] == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert second_stage("dense_big", tune, {"lr": 4e-3}) == [{"lr": 2.83e-3}, {"lr": 5.66e-3}]
+    assert second_stage("dense_big", tune, {"lr": 1e-3}) == [{"lr": 1.41e-3}, {"lr": 2.83e-3}]
+    two = TuneConfig(lr_trials=4, refine_trials=2, ratio_range=(1.0, 16.0))  # ratios 1, 4, 16; 4 is stage 1's
+    assert second_stage("moe", two, {"lr": 2e-3, "expert_lr": 8e-3}) == [
+        {"lr": 2e-3, "expert_lr": 2e-3}, {"lr": 2e-3, "expert_lr": 3.2e-2}]
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [({"lr_trials": 0}, "lr_trials"), ({"refine_trials": -1}, "refine_trials"),
+                                             ({"lr_trials": 3, "refine_trials": 3}, "refine_trials"),
                                              ({"lr_range": (3e-2, 1e-3)}, "lr_range"),
-                                             ({"ratio_range": (0.0, 1.0)}, "ratio_range")])
+                                             ({"ratio_range": (0.0, 1.0)}, "ratio_range"),
+                                             ({"ratio_range": (2.0, 2.0)}, "ratio_range")])
 def test_tune_config_errors(kwargs, key):
     with pytest.raises(ConfigError) as info:
         TuneConfig(**kwargs)
@@ -42,10 +76,12 @@ def _data(tmp_path: Path) -> DataConfig:
 
 
 def test_tuning_runs_score_the_validation_split_only(tmp_path):
-    demo = demo_config(True, ["peer=true", "tune.trials=4", "lrs.memory.value_lr=0.5"])
-    trials = tuning_runs(demo, _data(tmp_path), tmp_path, 700)
+    demo = demo_config(True, ["peer=true", "tune.lr_trials=3", "tune.refine_trials=2", "lrs.memory.value_lr=0.5"])
+    first = first_stage_runs(demo, _data(tmp_path), tmp_path, 700)
+    best = {run.kind: setting for run, setting in first[::3]}  # each kind's first lr
+    trials = first + second_stage_runs(first, best, demo.tune, tmp_path)
     kinds = [run.kind for run, _ in trials]
-    assert {kind: kinds.count(kind) for kind in kinds} == dict.fromkeys(TUNED, 4)
+    assert {kind: kinds.count(kind) for kind in kinds} == dict.fromkeys(TUNED, 5)
     for run, setting in trials:
         assert run.config.data.qa == {"validation": str(tmp_path / "qa_validation.jsonl")}
         assert {name: getattr(run.config.optim, name) for name in setting} == setting  # preset lrs replaced
@@ -55,8 +91,8 @@ def test_tuning_runs_score_the_validation_split_only(tmp_path):
 
 
 def test_select_reads_validation_scores_only(tmp_path):
-    demo = demo_config(True, ["tune.trials=4"])
-    trials = [t for t in tuning_runs(demo, _data(tmp_path), tmp_path, 700) if t[0].kind in ("dense", "moe")]
+    demo = demo_config(True, ["tune.lr_trials=4"])
+    trials = [t for t in first_stage_runs(demo, _data(tmp_path), tmp_path, 700) if t[0].kind in ("dense", "moe")]
     summaries = []
     for index in range(len(trials)):
         validation = [0.2, 0.5, 0.5, 0.1][index % 4]  # trials 1 and 2 tie on EM; 2 has the lower NLL
@@ -98,18 +134,25 @@ def test_a_toy_tuning_writes_its_choice_and_resumes_after_an_interruption(tmp_pa
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_demo import TOY
 
-    demo = demo_config(True, [*TOY, "tune.trials=1", "memory_sizes=[4,8]"])
+    demo = demo_config(True, [*TOY, "tune.lr_trials=2", "tune.refine_trials=1", "memory_sizes=[4,8]"])
     lrs = run_tuning(demo, tmp_path)
     assert set(lrs) == {"dense", "memory", "moe", "dense_big"}
     assert yaml.safe_load((tmp_path / "tuned.yaml").read_text()) == {"lrs": lrs}
     record = json.loads((tmp_path / "tuning.json").read_text())
-    assert record["selected_on"] == "validation" and len(record["trials"]) == 4
+    assert record["selected_on"] == "validation" and len(record["trials"]) == 4 * 3
+    assert [t["stage"] for t in record["trials"]] == [1] * 8 + [2] * 4
     assert all(set(t) >= {"kind", "lr", "qa_em_validation"} for t in record["trials"])
+    for kind, chosen in lrs.items():
+        mine = [t for t in record["trials"] if t["kind"] == kind]
+        best = max(mine, key=lambda t: (t["qa_em_validation"], -t["answer_nll_validation"]))
+        assert chosen == {name: best[name] for name in TUNED[kind]}
+        stage2 = yaml.safe_load((tmp_path / "tune" / kind / "trial2" / "config.yaml").read_text())["optim"]
+        assert {name: stage2[name] for name in TUNED[kind]} == {name: mine[2][name] for name in TUNED[kind]}
     # interrupt one trial (its final evaluation is lost): a rerun trains it alone, the rest are read back
-    metrics = tmp_path / "tune" / "dense" / "trial0" / "metrics.jsonl"
+    metrics = tmp_path / "tune" / "dense" / "trial2" / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
-    kept = (tmp_path / "tune" / "moe" / "trial0" / "metrics.jsonl").stat().st_mtime_ns
+    kept = (tmp_path / "tune" / "moe" / "trial2" / "metrics.jsonl").stat().st_mtime_ns
     assert run_tuning(demo, tmp_path) == lrs
-    assert (tmp_path / "tune" / "moe" / "trial0" / "metrics.jsonl").stat().st_mtime_ns == kept
-    assert any((tmp_path / "tune" / "dense" / "trial0" / "replaced").iterdir())  # the interrupted try, kept aside
+    assert (tmp_path / "tune" / "moe" / "trial2" / "metrics.jsonl").stat().st_mtime_ns == kept
+    assert any((tmp_path / "tune" / "dense" / "trial2" / "replaced").iterdir())  # the interrupted try, kept aside
     assert json.loads((tmp_path / "tuning.json").read_text())["trials"] == record["trials"]

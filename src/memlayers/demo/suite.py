@@ -45,20 +45,30 @@ TUNED = {
 class TuneConfig:
     """The search of ``memlayers demo --tune`` (the same budget for every model kind)."""
 
-    trials: int = 9
-    """Runs per model kind; a perfect square (two-rate kinds search a square grid)."""
+    lr_trials: int = 6
+    """Stage 1: ``lr`` values log-spaced over ``lr_range``, the same for every kind (a second
+    rate is held at ``lr`` times the geometric middle of ``ratio_range``)."""
+    refine_trials: int = 3
+    """Stage 2, at each kind's best stage-1 ``lr``: two-rate kinds try that many other ratios
+    from ``ratio_range``; one-rate kinds try that many ``lr`` values between stage-1 neighbours."""
     lr_range: tuple[float, float] = (1e-3, 3e-2)
     """Smallest and largest ``lr`` tried."""
     ratio_range: tuple[float, float] = (1.0, 10.0)
     """Smallest and largest ``value_lr / lr`` (memory, PEER) and ``expert_lr / lr`` (MoE) tried."""
 
     def __post_init__(self) -> None:
-        side = math.isqrt(self.trials)
-        check(self.trials >= 1 and side * side == self.trials, "trials",
-              f"must be a perfect square (1, 4, 9, 16, ...) so that two-rate kinds search a square grid, got {self.trials}")
+        check(self.lr_trials >= 1, "lr_trials", f"must be >= 1, got {self.lr_trials}")
+        check(0 <= self.refine_trials < self.lr_trials, "refine_trials",
+              f"must be >= 0 and < lr_trials ({self.lr_trials}): one-rate kinds refine between "
+              f"stage-1 neighbours, of which there are lr_trials - 1; got {self.refine_trials}")
         for name in ("lr_range", "ratio_range"):
             low, high = getattr(self, name)
-            check(0 < low <= high, name, f"must be [low, high] with 0 < low <= high, got {[low, high]}")
+            check(0 < low < high, name, f"must be [low, high] with 0 < low < high, got {[low, high]}")
+
+    @property
+    def trials(self) -> int:
+        """Runs per model kind (both stages)."""
+        return self.lr_trials + self.refine_trials
 
 
 @dataclass

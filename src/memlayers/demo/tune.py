@@ -1,23 +1,31 @@
 """Equal tuning: the same search budget over every model kind's own learning rates.
 
 ``memlayers demo --tune`` trains, for each kind of the suite (dense, the
-largest memory, MoE, PEER when enabled, the big dense model), ``trials``
-settings of its learning rates and keeps the one with the best exact match
+largest memory, MoE, PEER when enabled, the big dense model), the same number
+of settings of its learning rates and keeps the one with the best exact match
 on the **validation** split (ties: lower answer NLL). Tuning runs are given
 no other QA set, so the test split cannot leak into a choice. The selected
 values go to ``tuned.yaml`` (an ``lrs:`` block for the demo preset) and every
 trial to ``tuning.json``.
 
-Kinds with one learning rate (``lr``) get ``trials`` values log-spaced over
-``lr_range``; kinds with two (``lr`` and ``value_lr`` or ``expert_lr``) get
-a ``sqrt(trials)`` x ``sqrt(trials)`` grid: ``lr`` over the same range and the
-second as ``lr`` times a ratio log-spaced over ``ratio_range``. Every kind
-thus trains exactly ``trials`` runs.
+The search has two stages, so that a kind with two learning rates gets as
+fine a search over ``lr`` as a kind with one (a square grid would give it
+only the square root of the trials per rate):
+
+1. every kind trains the same ``lr_trials`` values of ``lr``, log-spaced over
+   ``lr_range``; a second rate (``value_lr``, ``expert_lr``) is held at ``lr``
+   times the geometric middle of ``ratio_range``;
+2. at its best stage-1 ``lr``, a two-rate kind trains ``refine_trials`` other
+   ratios from ``ratio_range``, and a one-rate kind trains the ``refine_trials``
+   ``lr`` values halfway (in log) between stage-1 neighbours nearest its best.
+
+Every kind thus trains exactly ``lr_trials + refine_trials`` runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -40,47 +48,88 @@ from memlayers.train.config import DataConfig
 from memlayers.train.metrics import read_metrics
 from memlayers.train.run_dir import move_aside
 
+Setting = dict[str, float]
+"""Learning rates of one trial, by optim key (``lr`` and maybe ``value_lr`` or ``expert_lr``)."""
+
+
+def _round(value: float) -> float:
+    """``value`` to 3 significant digits (settings that read well in YAML)."""
+    return float(f"{value:.3g}")
+
 
 def _logspace(low: float, high: float, n: int) -> list[float]:
     """``n`` values from ``low`` to ``high``, evenly spaced in log (``[low]`` for n = 1), rounded to 3 digits."""
     if n == 1:
         return [low]
-    return [float(f"{low * (high / low) ** (i / (n - 1)):.3g}") for i in range(n)]
+    return [_round(low * (high / low) ** (i / (n - 1))) for i in range(n)]
 
 
-def grid(kind: str, tune: TuneConfig) -> list[dict[str, float]]:
-    """The ``tune.trials`` learning-rate settings tried for model ``kind`` (keys of ``TUNED[kind]``)."""
+def _middle(low: float, high: float) -> float:
+    """The geometric middle of ``[low, high]``."""
+    return math.sqrt(low * high)
+
+
+def first_stage(kind: str, tune: TuneConfig) -> list[Setting]:
+    """Stage 1 for model ``kind``: the shared ``lr`` values, a second rate at the middle ratio."""
     names = TUNED[kind]
+    lrs = _logspace(*tune.lr_range, tune.lr_trials)
     if len(names) == 1:
-        return [{"lr": lr} for lr in _logspace(*tune.lr_range, tune.trials)]
-    side = math.isqrt(tune.trials)
-    return [
-        {"lr": lr, names[1]: float(f"{lr * ratio:.3g}")}
-        for lr in _logspace(*tune.lr_range, side)
-        for ratio in _logspace(*tune.ratio_range, side)
-    ]
+        return [{"lr": lr} for lr in lrs]
+    ratio = _middle(*tune.ratio_range)
+    return [{"lr": lr, names[1]: _round(lr * ratio)} for lr in lrs]
 
 
-def tuning_runs(demo: DemoConfig, data: DataConfig, out_dir: Path, vocab_size: int) -> list[tuple[DemoRun, dict[str, float]]]:
-    """``(run, setting)`` for every trial: one run per kind (the largest memory for ``memory``),
-    its optim replaced by the setting, scored on the validation split alone."""
+def second_stage(kind: str, tune: TuneConfig, best: Setting) -> list[Setting]:
+    """Stage 2 for model ``kind`` around its best stage-1 setting ``best``: other ratios of
+    the second rate at the same ``lr``, or (one rate) the nearest ``lr`` midpoints."""
+    names, n = TUNED[kind], tune.refine_trials
+    if len(names) == 2:
+        ratios = _logspace(*tune.ratio_range, n + 1)
+        middle = _middle(*tune.ratio_range)
+        ratios.remove(min(ratios, key=lambda r: abs(math.log(r / middle))))  # stage 1 tried it
+        return [{"lr": best["lr"], names[1]: _round(best["lr"] * r)} for r in ratios]
+    lrs = _logspace(*tune.lr_range, tune.lr_trials)
+    midpoints = [_round(_middle(a, b)) for a, b in itertools.pairwise(lrs)]
+    nearest = sorted(midpoints, key=lambda m: abs(math.log(m / best["lr"])))[:n]  # ties: the lower
+    return [{"lr": lr} for lr in sorted(nearest)]
+
+
+def tuning_bases(demo: DemoConfig, data: DataConfig, out_dir: Path, vocab_size: int) -> dict[str, DemoRun]:
+    """The run each kind's trials start from (the largest memory for ``memory``), with the
+    preset's ``lrs`` left out and the validation split as its only QA set."""
     validation = str(Path(data.qa["extraction"]).with_name("qa_validation.jsonl"))
     tuned_data = dataclasses.replace(data, qa={"validation": validation})
-    suite = build_runs(dataclasses.replace(demo, lrs={}), tuned_data, str(out_dir / "tune"), vocab_size)
-    trials = []
-    for kind, run in largest_of_each_kind(suite).items():
-        for index, setting in enumerate(grid(kind, demo.tune)):
-            optim = dataclasses.replace(run.config.optim, **setting)
-            train = dataclasses.replace(run.config.train, out_dir=f"{out_dir}/tune/{kind}/trial{index}")
-            config = dataclasses.replace(run.config, optim=optim, train=train)
-            trials.append((dataclasses.replace(run, name=f"{kind} trial {index}", config=config), setting))
-    return trials
+    return largest_of_each_kind(build_runs(dataclasses.replace(demo, lrs={}), tuned_data, str(out_dir / "tune"), vocab_size))
 
 
-def select(trials: list[tuple[DemoRun, dict[str, float]]], summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def trial(base: DemoRun, setting: Setting, out_dir: Path, index: int) -> tuple[DemoRun, Setting]:
+    """Trial ``index`` of ``base``'s kind: its optim takes ``setting``, it trains into
+    ``out_dir/tune/<kind>/trial<index>``."""
+    optim = dataclasses.replace(base.config.optim, **setting)
+    train = dataclasses.replace(base.config.train, out_dir=f"{out_dir}/tune/{base.kind}/trial{index}")
+    config = dataclasses.replace(base.config, optim=optim, train=train)
+    return dataclasses.replace(base, name=f"{base.kind} trial {index}", config=config), setting
+
+
+def first_stage_runs(demo: DemoConfig, data: DataConfig, out_dir: Path, vocab_size: int) -> list[tuple[DemoRun, Setting]]:
+    """``(run, setting)`` for every stage-1 trial of every kind."""
+    bases = tuning_bases(demo, data, out_dir, vocab_size)
+    return [trial(base, setting, out_dir, i)
+            for kind, base in bases.items() for i, setting in enumerate(first_stage(kind, demo.tune))]
+
+
+def second_stage_runs(first: list[tuple[DemoRun, Setting]], best: dict[str, Setting], tune: TuneConfig,
+                      out_dir: Path) -> list[tuple[DemoRun, Setting]]:
+    """``(run, setting)`` for every stage-2 trial, around each kind's ``best`` stage-1 setting."""
+    bases = {run.kind: run for run, _ in first}
+    return [trial(base, setting, out_dir, tune.lr_trials + j)
+            for kind, base in bases.items() for j, setting in enumerate(second_stage(kind, tune, best[kind]))]
+
+
+def select(trials: list[tuple[DemoRun, Setting]], summaries: list[dict[str, Any]]) -> dict[str, Setting]:
     """Per kind, the setting with the highest ``qa_em_validation`` (ties: lowest
     ``answer_nll_validation``, then the earlier trial); no other score is read."""
-    best: dict[str, tuple[tuple[float, float], dict[str, float]]] = {}
+    best: dict[str, tuple[tuple[float, float], Setting]] = {}
     for (run, setting), summary in zip(trials, summaries, strict=True):
         score = (summary["qa_em_validation"], -summary["answer_nll_validation"])
         if run.kind not in best or score > best[run.kind][0]:
@@ -88,47 +137,58 @@ def select(trials: list[tuple[DemoRun, dict[str, float]]], summaries: list[dict[
     return {kind: setting for kind, (_, setting) in best.items()}
 
 
-def finished(run: DemoRun) -> dict[str, Any] | None:
+def finished(run: DemoRun, setting: Setting) -> dict[str, Any] | None:
     """The final validation scores of a trial that an earlier ``--tune`` into the same directory
-    completed (its metrics.jsonl has them at the last step), else None."""
-    path = Path(run.config.train.out_dir) / "metrics.jsonl"
-    if not path.is_file():
+    completed with the same ``setting`` (its metrics.jsonl has them at the last step), else None."""
+    run_dir = Path(run.config.train.out_dir)
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
         return None
-    final = [r for r in read_metrics(path.parent)
+    optim = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("optim", {})
+    if any(optim.get(name) != value for name, value in setting.items()):
+        return None  # a stage-2 trial around a different stage-1 best
+    final = [r for r in read_metrics(run_dir)
              if r.get("step") == run.config.train.steps and "qa_em_validation" in r and "answer_nll_validation" in r]
     return final[-1] if final else None
 
 
-def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Train every trial on the demo's world, write tuning.json and tuned.yaml into
-    ``out_dir``, return the selected ``lrs``. Run again into the same ``out_dir`` after an
-    interruption, it trains only the trials that did not finish."""
+def train_trials(trials: list[tuple[DemoRun, Setting]], workers: int) -> list[dict[str, Any]]:
+    """The final summaries of ``trials``: read back where an earlier ``--tune`` finished them,
+    trained (``workers`` at a time) where not; an unfinished try is kept under ``replaced/``."""
+    summaries: list[dict[str, Any] | None] = [finished(run, setting) for run, setting in trials]
+    todo = [run for (run, _), summary in zip(trials, summaries, strict=True) if summary is None]
+    for run in todo:
+        if Path(run.config.train.out_dir).is_dir():
+            move_aside(Path(run.config.train.out_dir))
+    fresh = iter(train_suite(todo, workers))
+    return [summary if summary is not None else next(fresh) for summary in summaries]
+
+
+def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
+    """Train both stages on the demo's world, write tuning.json and tuned.yaml into ``out_dir``,
+    return the selected ``lrs``. Run again into the same ``out_dir`` after an interruption,
+    it trains only the trials that did not finish."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_world(demo, out_dir)
-    trials = tuning_runs(demo, data, out_dir, tokenizer.vocab_size)
-    summaries: list[dict[str, Any] | None] = [finished(run) for run, _ in trials]
-    todo = [run for (run, _), summary in zip(trials, summaries, strict=True) if summary is None]
-    for run in todo:  # an interrupted trial starts again; what it wrote is kept under replaced/
-        if Path(run.config.train.out_dir).is_dir():
-            move_aside(Path(run.config.train.out_dir))
-    fresh = iter(train_suite(todo, demo.workers))
-    summaries = [summary if summary is not None else next(fresh) for summary in summaries]
+    first = first_stage_runs(demo, data, out_dir, tokenizer.vocab_size)
+    first_scores = train_trials(first, demo.workers)
+    second = second_stage_runs(first, select(first, first_scores), demo.tune, out_dir)
+    trials, summaries = first + second, first_scores + train_trials(second, demo.workers)
     chosen = select(trials, summaries)
     record = {
         "config": to_dict(demo),
         "selected_on": "validation",
         "trials": [
-            {"kind": run.kind, **setting,
+            {"kind": run.kind, "stage": 1 if index < len(first) else 2, **setting,
              **{k: s[k] for k in ("qa_em_validation", "answer_nll_validation") if k in s}}
-            for (run, setting), s in zip(trials, summaries, strict=True)
+            for index, ((run, setting), s) in enumerate(zip(trials, summaries, strict=True))
         ],
         "lrs": chosen,
         "seconds": time.perf_counter() - start,
     }
     (out_dir / "tuning.json").write_text(json.dumps(record, indent=2))
     header = (f"# learning rates selected by `memlayers demo --tune` on the validation split "
-              f"({demo.tune.trials} trials per kind); paste into the demo preset\n")
+              f"({demo.tune.trials} trials per kind in two stages); paste into the demo preset\n")
     (out_dir / "tuned.yaml").write_text(header + yaml.safe_dump({"lrs": chosen}, sort_keys=False))
     return chosen

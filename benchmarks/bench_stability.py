@@ -70,7 +70,11 @@ def main() -> None:
     spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 1)] if args.load else []
     for spinner in spinners:
         spinner.start()
-    runs = []
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": f"{os.cpu_count()} cores, {platform.platform()}",
+        "load": "a busy loop on every core" if args.load else "idle", "pytest": pytest_args,
+        "runs": [], "passed_runs": 0, "failed_runs": 0,
+    }
     try:
         for index in tqdm(range(args.runs), desc="stability", unit="run", dynamic_ncols=True):
             rc, seconds, log = run_once(pytest_args)
@@ -78,21 +82,17 @@ def main() -> None:
             if rc != 0:
                 run["log"] = str(out.with_name(f"{out.stem}_run{index + 1}.log"))
                 Path(run["log"]).write_text(log)
-            runs.append(run)
+            result["runs"].append(run)
+            result["passed_runs" if rc == 0 else "failed_runs"] += 1
+            out.write_text(json.dumps(result, indent=2))  # after every run: an interrupted series keeps its record
             tqdm.write(f"run {index + 1}: {'passed' if rc == 0 else 'FAILED'} in {seconds:.0f} s "
                        f"({run['passed']} passed, {run['failed']} failed, {run['error']} errors)")
     finally:
         for spinner in spinners:
             spinner.terminate()
-    passed = sum(run["rc"] == 0 for run in runs)
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": f"{os.cpu_count()} cores, {platform.platform()}",
-        "load": "a busy loop on every core" if args.load else "idle", "pytest": pytest_args,
-        "runs": runs, "passed_runs": passed, "failed_runs": len(runs) - passed,
-    }
-    out.write_text(json.dumps(result, indent=2))
-    print(f"{passed}/{len(runs)} runs passed ({result['load']}, commit {commit}); wrote {out}")
-    sys.exit(0 if passed == len(runs) else 1)
+    passed = result["passed_runs"]
+    print(f"{passed}/{len(result['runs'])} runs passed ({result['load']}, commit {commit}); wrote {out}")
+    sys.exit(0 if result["failed_runs"] == 0 else 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks of a session that is lent a device machine, in one call (about 7 minutes):
+#
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
+#
+# The device's image has torch, Triton and the other dependencies; nothing is installed.
+# Each step has its own time limit, so that a hang in one still returns the others' files.
+# Writes into $OUT (or ./gpu_out): env.txt, tests.log, train.log, bench.log, bench_cuda.json.
+# Record the numbers in benchmarks/RESULTS.md with the date and the device.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log its status
+    local name=$1 limit=$2 log=$3; shift 3
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" >"$OUT/$log" 2>&1
+    echo "$name: exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
+}
+
+{
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} >"$OUT/env.txt" 2>&1
+
+# compiled Triton kernels against their PyTorch references, and the layer and model on the GPU
+step tests 180 tests.log $PY -m pytest -q -x -n 8 -p no:cacheprovider tests/kernels tests/memory tests/model
+# a short training run on the GPU through the CLI (loss must fall; tokens/s in the log)
+step train 90 train.log $PY -m memlayers.cli train tiny train.device=cuda train.steps=60 train.log_every=10 \
+    train.eval_qa=200 train.out_dir="$OUT/run" --overwrite
+rm -rf "$OUT/run"
+# the kernel, step, memory and bandwidth benchmarks, ours vs torch side by side
+step bench 240 bench.log $PY -m memlayers.cli bench --device cuda --repeat 5 --out "$OUT/bench_cuda.json"
+cat "$OUT/env.txt"

@@ -19,6 +19,7 @@ process is rank 0). Actions:
 
 Points (see where they are called): ``step.start``, ``step.backward``,
 ``step.optimizer``, ``step.end``, ``step.loss``; ``checkpoint.begin``,
+``checkpoint.shards`` (a sharded checkpoint's collective write is about to start),
 ``checkpoint.write.<file>`` (after each file), ``checkpoint.rename``,
 ``checkpoint.renamed``, ``checkpoint.prune``. Without the variable every
 call is a dictionary lookup and nothing happens.
@@ -37,7 +38,7 @@ ENV = "MEMLAYERS_FAULT"
 ACTIONS = ("kill", "hang", "raise", "nan")
 POINTS = (
     "step.start", "step.backward", "step.optimizer", "step.end", "step.loss",
-    "checkpoint.begin", "checkpoint.write", "checkpoint.rename", "checkpoint.renamed", "checkpoint.prune",
+    "checkpoint.begin", "checkpoint.shards", "checkpoint.write", "checkpoint.rename", "checkpoint.renamed", "checkpoint.prune",
 )
 
 

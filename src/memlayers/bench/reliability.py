@@ -64,8 +64,10 @@ CHECKPOINT_POINTS = (
     "checkpoint.begin", *(f"checkpoint.write.{f}" for f in CHECKPOINT_FILES),
     "checkpoint.rename", "checkpoint.renamed", "checkpoint.prune",
 )
-SHARDED_POINTS = (  # rank 0 alone passes all but checkpoint.write.shards
-    "checkpoint.begin", "checkpoint.write.shards", "checkpoint.write.state.json",
+EVERY_RANK_POINTS = ("checkpoint.shards", "checkpoint.write.shards")
+"""The points of a sharded checkpoint write that every rank passes (rank 0 alone passes the others)."""
+SHARDED_POINTS = (
+    "checkpoint.begin", *EVERY_RANK_POINTS, "checkpoint.write.state.json",
     "checkpoint.rename", "checkpoint.renamed", "checkpoint.prune",
 )
 CRASH_SETTINGS = ["train.steps=8", "train.checkpoint_every=2", "train.keep_last=1"]
@@ -115,6 +117,12 @@ def our_tracebacks(stderr: str) -> int:
     child, ``ChildFailedError``, is the launcher's and not counted)."""
     chunks = stderr.split("Traceback (most recent call last):")[1:]
     return sum(1 for chunk in chunks if "ChildFailedError" not in chunk)
+
+
+def shown_traceback(stderr: str) -> str:
+    """The last traceback counted by :func:`our_tracebacks`, as its final lines (empty if none)."""
+    chunks = [c for c in stderr.split("Traceback (most recent call last):")[1:] if "ChildFailedError" not in c]
+    return " | ".join(line.strip() for line in chunks[-1].strip().splitlines()[-6:]) if chunks else ""
 
 
 def one_line_error(rc: int, stderr: str) -> str | None:
@@ -180,6 +188,7 @@ def crash_and_resume(
         settings.append("parallel.timeout_s=10")
     rc, stderr = _train([str(config), *settings], nproc, f"{action}@{point}:step={step}:rank={rank}", inline)
     outcome = Outcome(name, ok=False, faults=1, tracebacks=our_tracebacks(stderr) + int(rc == "traceback"))
+    shown = {"after the fault": shown_traceback(stderr)}
     if rc == 0:
         outcome.detail = "the fault did not stop the run"
         return outcome
@@ -190,6 +199,7 @@ def crash_and_resume(
     outcome.checkpoints_lost = int(newest < committed_before)
     rc, stderr = _train([str(config), *_settings(nproc), "--resume"], nproc, None, inline)
     outcome.tracebacks += our_tracebacks(stderr) + int(rc == "traceback")
+    shown["on resuming"] = shown_traceback(stderr)
     if rc != 0:
         outcome.detail = f"resume failed: {stderr.strip().splitlines()[-1:]}"
         return outcome
@@ -204,6 +214,8 @@ def crash_and_resume(
         outcome.detail = f"losses differ from the straight run at steps {differ}"
     elif leftovers:
         outcome.detail = f"leftovers after resuming: {leftovers}"
+    elif outcome.tracebacks:
+        outcome.detail = "; ".join(f"traceback {when}: {text}" for when, text in shown.items() if text)
     return outcome
 
 
@@ -414,7 +426,7 @@ def scenarios(quick: bool = False) -> list[tuple[str, Any]]:
         for point, step in points[: 2 if quick else None]:
             # rank 0 alone stages, commits and prunes a sharded checkpoint: its faults are rank 0's;
             # every rank steps and writes its shards: there the last rank dies
-            rank = 0 if point.startswith("checkpoint.") and point != "checkpoint.write.shards" else nproc - 1
+            rank = 0 if point.startswith("checkpoint.") and point not in EVERY_RANK_POINTS else nproc - 1
             runs.append((f"kill, {nproc} ranks",
                          lambda w, p=point, s=step, n=nproc, r=rank: crash_and_resume(w, p, s, nproc=n, rank=r)))
     runs.append(("hang, 2 ranks", lambda w: crash_and_resume(w, "step.start", 5, nproc=2, rank=1, action="hang")))

@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
 from memlayers.distributed.comm import barrier
+from memlayers.faults import fault_point
 from memlayers.train import checkpoint_write
 from memlayers.train.checkpoint import (
     FORMAT,
@@ -106,6 +107,26 @@ def _flat_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta, copy_back
 
 
+def dcp_cause(error: BaseException) -> str:
+    """One line saying what failed in a DCP call: for a ``CheckpointException`` (which gathers
+    every rank's failure), the first failing rank and its exception; else the error's first line."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank = min(error.failures)
+        cause = error.failures[rank][0]
+        return f"rank {rank}: {type(cause).__name__}: {dcp_cause(cause)}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def raise_interrupt(error: BaseException) -> None:
+    """Re-raise a Ctrl-C or SIGTERM (``KeyboardInterrupt``) that DCP caught on this rank and
+    wrapped into a ``CheckpointException``, so that the command ends as interrupted."""
+    if isinstance(error, CheckpointException):
+        for cause, _ in error.failures.values():
+            if isinstance(cause, KeyboardInterrupt):
+                raise cause from None
+
+
 def save_sharded(
     run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
     tokenizer_path: str | Path | None = None, keep_last: int | None = None,
@@ -118,7 +139,13 @@ def save_sharded(
     barrier()
     staging = checkpoint_write.staging_dir(run_dir, step)
     tensors, meta, _ = _flat_state(model, optimizer)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDS), save_distributed=True))
+    fault_point("checkpoint.shards", step)  # a rank lost here leaves the others inside DCP's collectives
+    try:
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDS), save_distributed=True))
+    except CheckpointException as error:  # a BaseException: no except Exception would see it
+        raise_interrupt(error)
+        raise CheckpointError(f"the shards of checkpoint step {step} could not be written ({dcp_cause(error)}); "
+                              "the newest complete checkpoint is kept: fix the cause and restart with --resume") from None
     checkpoint_write.written(staging, SHARDS, step)
     barrier()
     if rank == 0:
@@ -153,7 +180,8 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); check the config") from None
     except (RuntimeError, KeyError, OSError, CheckpointException) as error:  # CheckpointException is a BaseException
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise_interrupt(error)
+        first = dcp_cause(error)
         raise CheckpointError(f"sharded checkpoint {path} could not be read ({first}); {earlier_advice(path)}") from None
     for saved, live in copy_back:
         live.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)

@@ -112,17 +112,22 @@ def run_cli(args: list[str], nproc: int = 1, fault: str | None = None, timeout: 
                           timeout=timeout, env=env, check=False)
 
 
-def our_tracebacks(stderr: str) -> int:
-    """Python tracebacks in ``stderr`` that memlayers showed (torchrun's own report of a failed
-    child, ``ChildFailedError``, is the launcher's and not counted)."""
+def _our_traceback_texts(stderr: str) -> list[str]:
+    """The Python tracebacks in ``stderr`` that memlayers showed (torchrun's own report of a
+    failed child, ``ChildFailedError``, is the launcher's and left out)."""
     chunks = stderr.split("Traceback (most recent call last):")[1:]
-    return sum(1 for chunk in chunks if "ChildFailedError" not in chunk)
+    return [chunk for chunk in chunks if "ChildFailedError" not in chunk]
+
+
+def our_tracebacks(stderr: str) -> int:
+    """How many tracebacks memlayers showed in ``stderr``."""
+    return len(_our_traceback_texts(stderr))
 
 
 def shown_traceback(stderr: str) -> str:
     """The last traceback counted by :func:`our_tracebacks`, as its final lines (empty if none)."""
-    chunks = [c for c in stderr.split("Traceback (most recent call last):")[1:] if "ChildFailedError" not in c]
-    return " | ".join(line.strip() for line in chunks[-1].strip().splitlines()[-6:]) if chunks else ""
+    texts = _our_traceback_texts(stderr)
+    return " | ".join(line.strip() for line in texts[-1].strip().splitlines()[-6:]) if texts else ""
 
 
 def one_line_error(rc: int, stderr: str) -> str | None:

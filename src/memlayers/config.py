@@ -36,6 +36,13 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.rule)
 
 
+def first_line(error: BaseException) -> str:
+    """What a one-line error quotes of ``error``: its message's first line, or the name of its
+    type when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise ``ConfigError(key, message)`` unless ``condition`` holds."""
     if not condition:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from memlayers.config import first_line
 from memlayers.data.text import DataError, write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -111,8 +112,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_str(text)
         except Exception as error:  # the library raises a bare Exception
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise DataError(f"{file}: not a Hugging Face tokenizer ({reason}); {hint}") from None
+            raise DataError(f"{file}: not a Hugging Face tokenizer ({first_line(error)}); {hint}") from None
         return cls(backend)
 
     def save(self, path: str | Path) -> Path:

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from memlayers.config import first_line
+
 RECEIVED_BYTES = {"total": 0}
 """Bytes this rank has received through :func:`gather_sizes`, :func:`all_gather_rows` and
 :func:`all_to_all_rows` (padding included): what the communication benchmark reads."""
@@ -38,9 +40,8 @@ def collective(what: str) -> Iterator[None]:
     except PeerLostError:
         raise
     except (RuntimeError, dist.DistBackendError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PeerLostError(
-            f"{what}: a peer rank died, hung past the timeout or left ({first}); "
+            f"{what}: a peer rank died, hung past the timeout or left ({first_line(error)}); "
             "the run stops here; restart it with --resume from the last checkpoint"
         ) from error
 

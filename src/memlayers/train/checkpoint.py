@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memlayers.config import first_line
 from memlayers.train import checkpoint_write
 from memlayers.train.checkpoint_write import list_checkpoints
 
@@ -198,8 +199,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
-        first = str(error).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({first}); {earlier_advice(path)}") from None
+        raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({first_line(error)}); {earlier_advice(path)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a memlayers checkpoint (state.json has no format tag {FORMAT!r})")
     if state.get("version") != VERSION:
@@ -230,8 +230,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(f"checkpoint file {file} is corrupt ({first}); {earlier_advice(file.parent)}") from None
+        raise CheckpointError(f"checkpoint file {file} is corrupt ({first_line(error)}); {earlier_advice(file.parent)}") from None
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
+from memlayers.config import first_line
 from memlayers.distributed.comm import barrier
 from memlayers.faults import fault_point
 from memlayers.train import checkpoint_write
@@ -113,9 +114,8 @@ def dcp_cause(error: BaseException) -> str:
     if isinstance(error, CheckpointException) and error.failures:
         rank = min(error.failures)
         cause = error.failures[rank][0]
-        return f"rank {rank}: {type(cause).__name__}: {dcp_cause(cause)}"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        return f"rank {rank}: {type(cause).__name__}: {first_line(cause)}"
+    return first_line(error)
 
 
 def raise_interrupt(error: BaseException) -> None:
@@ -177,12 +177,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
     try:
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
     except ValueError as error:  # DCP's size check: the checkpoint's tensors have other shapes
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); check the config") from None
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first_line(error)}); check the config") from None
     except (RuntimeError, KeyError, OSError, CheckpointException) as error:  # CheckpointException is a BaseException
         raise_interrupt(error)
-        first = dcp_cause(error)
-        raise CheckpointError(f"sharded checkpoint {path} could not be read ({first}); {earlier_advice(path)}") from None
+        raise CheckpointError(f"sharded checkpoint {path} could not be read ({dcp_cause(error)}); {earlier_advice(path)}") from None
     for saved, live in copy_back:
         live.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
     if optimizer is not None:

@@ -74,15 +74,24 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (M, dim)
         probs, weights, experts = self.route(flat)
-        out = torch.zeros_like(flat)  # (M, dim)
-        for e in range(self.config.n_experts):
-            token, slot = (experts == e).nonzero(as_tuple=True)  # (m,), (m,)
-            if token.numel() == 0:
+        k = self.config.top_k
+        order = experts.flatten().argsort(stable=True)  # (M*k,) assignments grouped by expert
+        token = order // k  # (M*k,)
+        weight = weights.flatten()[order].unsqueeze(-1)  # (M*k, 1)
+        counts = torch.bincount(experts.flatten(), minlength=self.config.n_experts).tolist()
+        # unbind, not w1[e]: indexing one expert gives a full-size zero gradient per expert
+        # in backward (quadratic in n_experts); unbind's backward stacks the slices once.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outputs = []
+        for e, (rows, mix) in enumerate(zip(token.split(counts), weight.split(counts), strict=True)):
+            if rows.numel() == 0:
                 continue
-            h = flat[token]  # (m, dim)
-            h = F.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)  # (m, hidden)
-            y = (h @ self.w2[e].T) * weights[token, slot].unsqueeze(-1).to(h.dtype)  # (m, dim)
-            out.index_add_(0, token, y.to(out.dtype))
+            h = flat[rows]  # (m, dim)
+            h = F.silu(h @ w1[e].T) * (h @ w3[e].T)  # (m, hidden)
+            outputs.append((h @ w2[e].T) * mix.to(h.dtype))  # (m, dim)
+        out = torch.zeros_like(flat)  # (M, dim)
+        if outputs:
+            out.index_add_(0, token, torch.cat(outputs).to(flat.dtype))
         assigned = F.one_hot(experts, self.config.n_experts).sum(dim=(0, 1)).float()  # (E,)
         fraction = assigned / experts.numel()  # (E,)
         self.aux_loss = self.config.n_experts * (fraction * probs.mean(dim=0)).sum()

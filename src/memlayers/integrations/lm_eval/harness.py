@@ -34,7 +34,7 @@ TASK_NAME = "memlayers_fact_qa"
 """The fact QA task of the demo world."""
 
 QA_FILE = TASKS_DIR / TASK_NAME / "qa.jsonl"
-"""The demo's 2,500 question/answer pairs (the task YAML says how they were made)."""
+"""The demo's 1,400 question/answer pairs (the task YAML says how they were made)."""
 
 _COMMANDS = ("run", "ls", "validate")
 """lm-eval's subcommands; each takes ``--include_path``."""

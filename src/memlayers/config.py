@@ -216,7 +216,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError("", f"config file {path} is not valid YAML: {error}".splitlines()[0]) from None
+        raise ConfigError("", f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"config file {path} must hold a mapping at the top level")
     return data

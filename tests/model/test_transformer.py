@@ -154,6 +154,24 @@ def test_parallel_memory_is_added_beside_the_dense_ffn(tiny_config):
     assert isinstance(replaced.layers[1].ffn, MemoryLayer) and replaced.layers[1].memory is None
 
 
+@pytest.mark.parametrize("memory_mode", ["replace", "parallel"])
+def test_memory_output_starts_at_the_paper_or_the_model_residual_scale(tiny_config, memory_mode):
+    """output_init=paper: W_2 ~ normal(0, value_dim^-1/2), a scale of its own; output_init=model:
+    the std of the model's other residual outputs, init_std / sqrt(2 n_layers); W_1 unchanged."""
+    stds = {}
+    for output_init in ("paper", "model"):
+        config = tiny_config(dim=64, n_layers=4, init_std=0.02, memory_layers=(1, 3), memory_mode=memory_mode,
+                             memory={"output_init": output_init})
+        memories = _model(config).memory_layers()
+        assert len(memories) == 2
+        stds[output_init] = [(m.w1.weight.std().item(), m.w2.weight.std().item()) for m in memories]
+    residual = 0.02 / (2 * 4) ** 0.5
+    for (w1_paper, w2_paper), (w1_model, w2_model) in zip(stds["paper"], stds["model"], strict=True):
+        assert w2_paper == pytest.approx(64**-0.5, rel=0.05)
+        assert w2_model == pytest.approx(residual, rel=0.05)
+        assert w1_paper == pytest.approx(64**-0.5, rel=0.05) and w1_model == pytest.approx(64**-0.5, rel=0.05)
+
+
 def _manual_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean of -log softmax(logits)[target] over positions whose target is not -100."""
     logits = logits.double().flatten(0, 1)  # (N, V)

@@ -41,6 +41,10 @@ class MemoryConfig:
     """Bias in the query projection (q = W_q x + b)."""
     shared_values: bool = True
     """All memory layers of a model read one value pool (the paper's default)."""
+    output_init: Literal["paper", "model"] = "paper"
+    """How W_2 (the output projection) starts: ``paper``, normal(0, value_dim^-1/2); ``model``,
+    like the host model's other outputs into the residual stream (init_std / sqrt(2 n_layers)),
+    which a memlayers Transformer sets (a layer used on its own keeps the paper's)."""
     value_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the value pool; bfloat16 halves it (reads and updates
     compute in float32, see memlayers.kernels)."""

@@ -85,10 +85,12 @@ class MemoryLayer(nn.Module):
         """True when the value pool is this layer's own (registered here)."""
         return "pool" in self._modules
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, residual_std: float | None = None) -> None:
         """Initialise as in the paper: W_1, W_2 and the gate normal(0, fan_in^-1/2).
 
-        The pool is re-initialised only when this layer owns it.
+        With ``config.output_init == "model"`` and the host model's ``residual_std``
+        given, W_2 takes that std instead. The pool is re-initialised only when this
+        layer owns it.
         """
         self.search.reset_parameters()
         for linear in (self.w1, self.w2, self.gate):
@@ -96,6 +98,8 @@ class MemoryLayer(nn.Module):
                 nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features))
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
+        if self.w2 is not None and self.config.output_init == "model" and residual_std is not None:
+            nn.init.normal_(self.w2.weight, std=residual_std)
         if self.owns_pool:
             self.pool.reset_parameters()
 

@@ -65,7 +65,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for embeddings and linears, residual outputs scaled
-        by 1/sqrt(2 n_layers) (GPT-2); memory layers use the paper's own init."""
+        by 1/sqrt(2 n_layers) (GPT-2); memory layers use the paper's own init, or
+        this residual scale for W_2 with ``memory.output_init: model``."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
@@ -83,10 +84,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(ffn.w2.weight, std=residual_std)
             elif isinstance(ffn, MoE):
                 ffn.reset_parameters(std, residual_std)
-            else:
-                ffn.reset_parameters()
+            else:  # a memory layer in place of the FFN
+                ffn.reset_parameters(residual_std)
             if block.memory is not None:
-                block.memory.reset_parameters()
+                block.memory.reset_parameters(residual_std)
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()

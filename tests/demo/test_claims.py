@@ -80,9 +80,9 @@ RESULTS = {
         _row("dense-big", "dense_big", 0, 0.80, 0.17, spread=0.05, flops=4.2e6),
     ],
     "curves": {
-        "dense": {"tokens": [1e5, 2e5, 3e5], "qa_em_recall": _curve([0.1, 0.2, 0.3]),
+        "dense": {"seeds": 3, "tokens": [1e5, 2e5, 3e5], "qa_em_recall": _curve([0.1, 0.2, 0.3]),
                   "qa_em_extraction": _curve([0.05, 0.08, 0.10])},
-        "memory-256x256": {"tokens": [1e5, 2e5, 3e5], "qa_em_recall": _curve([0.2, 0.4, 0.7]),
+        "memory-256x256": {"seeds": 3, "tokens": [1e5, 2e5, 3e5], "qa_em_recall": _curve([0.2, 0.4, 0.7]),
                            "qa_em_extraction": _curve([0.02, 0.05, 0.18])},
     },
     "curve_runs": {"dense": "dense", "memory": "memory-256x256"},

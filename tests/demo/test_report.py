@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from memlayers.demo.report import plot, summary_lines
+from memlayers.demo.report import _learning_rate_line, plot, summary_lines
 
 
 def _run(name: str, kind: str, slots: int, recall: float, extraction: float, spread: float = 0.0) -> dict:
@@ -34,6 +34,22 @@ def test_summary_leads_with_extraction_and_gives_ratios_and_verdicts():
 def test_summary_says_when_a_difference_is_within_the_spread_or_dense_scores_zero():
     assert "(4.00x; inconclusive)" in summary_lines(_results(0.05, spread=0.1))[0]
     assert "vs 0.0% ± 1.0% (no ratio: 0%; holds)" in summary_lines(_results(0.0))[0]
+
+
+def test_one_seed_gives_no_verdict_however_large_the_gap():
+    results = _results(0.05, spread=0.0)
+    results["seeds"] = 1
+    for run in results["runs"]:
+        run["seeds"] = 1
+    lines = summary_lines(results)
+    assert "(4.00x; inconclusive)" in lines[0] and "holds" not in lines[0]
+    assert lines[-1].endswith("(with one seed there is no spread: no verdict; use --seeds 3).")
+
+
+def test_the_report_says_whether_the_learning_rates_were_tuned():
+    assert "**not tuned**" in _learning_rate_line({"lrs": {}})
+    tuned = _learning_rate_line({"lrs": {"memory": {"lr": 1e-3}, "dense": {"lr": 2e-3}}})
+    assert "tuned for dense, memory" in tuned and "not tuned" not in tuned
 
 
 def test_figure_has_both_panels_drawn(tmp_path):

@@ -41,7 +41,9 @@ def test_aggregate_averages_the_scores_every_seed_reports():
         (Estimate(0.6, 0.2, 3), Estimate(0.3, 0.15, 3), 0.0, "inconclusive"),  # gap 0.3 < 0.35
         (Estimate(0.2, 0.01, 3), Estimate(0.3, 0.01, 3), 0.0, "does not hold"),
         (Estimate(0.6, 0.05, 3), Estimate(0.3, 0.05, 3), 0.25, "inconclusive"),  # beyond a margin
-        (Estimate(0.31, 0.0, 1), Estimate(0.30, 0.0, 1), 0.0, "holds"),  # one seed: any gap decides
+        (Estimate(0.9, 0.0, 1), Estimate(0.1, 0.0, 1), 0.0, "inconclusive"),  # one seed: no spread to beat
+        (Estimate(0.9, 0.01, 3), Estimate(0.1, 0.0, 1), 0.0, "inconclusive"),
+        (Estimate(0.31, 0.0, 2), Estimate(0.30, 0.0, 2), 0.0, "holds"),  # two equal seeds: spread 0
     ],
 )
 def test_compare(better, worse, margin, verdict):

@@ -96,8 +96,8 @@ def claim_runs(claims: ClaimsConfig, demo: DemoConfig, suite: list[DemoRun], out
 
 
 def learning_curves(runs: list[DemoRun], seeds: int) -> dict[str, dict[str, Any]]:
-    """For each run evaluated during training: ``tokens`` and, per QA score, the ``mean`` and
-    ``spread`` over seeds at each evaluation (read from every seed's metrics.jsonl)."""
+    """For each run evaluated during training: ``seeds``, ``tokens`` and, per QA score, the
+    ``mean`` and ``spread`` over seeds at each evaluation (read from every seed's metrics.jsonl)."""
     curves = {}
     for run in runs:
         if not run.config.train.eval_every:
@@ -108,7 +108,7 @@ def learning_curves(runs: list[DemoRun], seeds: int) -> dict[str, dict[str, Any]
         ]
         steps = sorted(set.intersection(*(set(records) for records in per_seed)))
         train = run.config.train
-        curve: dict[str, Any] = {"steps": steps,
+        curve: dict[str, Any] = {"seeds": seeds, "steps": steps,
                                  "tokens": [s * train.batch_size * train.grad_accum * run.config.data.seq_len for s in steps]}
         for key in ("qa_em_recall", "qa_em_extraction"):
             estimates = [estimate([records[s][key] for records in per_seed]) for s in steps]

@@ -88,14 +88,14 @@ def size_and_baseline_claims(suite: list[dict[str, Any]]) -> list[dict[str, str]
 def learning_speed_claims(curves: dict[str, dict[str, Any]], dense: str, memory: str) -> list[dict[str, str]]:
     """Memory learns faster: EM against training tokens, and the tokens memory needs to reach dense's final EM.
 
-    ``curves[run]`` holds ``tokens`` and, per score, ``mean`` and ``spread`` lists
+    ``curves[run]`` holds ``seeds``, ``tokens`` and, per score, ``mean`` and ``spread`` lists
     aligned with them (see :func:`memlayers.demo.claims.learning_curves`).
     """
     rows = []
     for key, score in SCORES:
         d, m = curves[dense][key], curves[memory][key]
         tokens = curves[dense]["tokens"]
-        verdicts = [compare(Estimate(mm, ms, 0), Estimate(dm, ds, 0))
+        verdicts = [compare(Estimate(mm, ms, curves[memory]["seeds"]), Estimate(dm, ds, curves[dense]["seeds"]))
                     for mm, ms, dm, ds in zip(m["mean"], m["spread"], d["mean"], d["spread"], strict=True)]
         target = d["mean"][-1]
         reached = next((t for t, v in zip(curves[memory]["tokens"], m["mean"], strict=True) if v >= target), None)

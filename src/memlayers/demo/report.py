@@ -97,6 +97,17 @@ def _versus(memory: dict[str, Any], other: dict[str, Any], key: str) -> str:
     return f"{a.percent()} vs {b.percent()} ({times_text}; {compare(a, b)})"
 
 
+def _learning_rate_line(cfg: dict[str, Any]) -> str:
+    """Where the learning rates came from: a tuned ``lrs`` block, or the untuned shared ``optim``."""
+    tuned = sorted(cfg.get("lrs") or {})
+    if tuned:
+        return (f"- Learning rates as listed: tuned for {', '.join(tuned)} (the preset's `lrs`, selected by "
+                "`memlayers demo --tune` on the validation split, the same number of trials for every kind); "
+                "any other kind uses the shared `optim` values.")
+    return ("- Learning rates as listed: the shared `optim` values for every kind, **not tuned** "
+            "(`memlayers demo --tune` selects them on the validation split and writes the preset's `lrs`).")
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """What the run shows, in numbers: extraction and recall of the largest memory against
     each baseline (ratio of means; holds only beyond the spread over seeds), and against size."""
@@ -119,7 +130,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     flops = max(abs(r["flops_per_token"] / dense["flops_per_token"] - 1) for r in memory)
     seeds = results.get("seeds", 1)
     lines.append(f"- Mean ± spread over {seeds} seed{'s' if seeds > 1 else ''}; memory FLOPs/token within {flops:.1%} "
-                 "of dense. A difference holds only when it exceeds both spreads.")
+                 "of dense. A difference holds only when it exceeds both spreads"
+                 + (" (with one seed there is no spread: no verdict; use --seeds 3)." if seeds < 2 else "."))
     return lines
 
 
@@ -165,9 +177,7 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         "- **Recall**: exact match on the questions of those seen people (trained on). **Extraction**: on the "
         "questions of the test people, whose facts appear only in their biographies; a disjoint validation split "
         "of unseen people is used for tuning only, never for what is reported.",
-        f"- Learning rates per model kind as listed (`lrs` of the preset: selected by `memlayers demo --tune` on the "
-        f"validation split, the same number of trials for every kind); {results.get('seeds', 1)} training seed(s) per run, "
-        "one fact world.",
+        _learning_rate_line(cfg) + f" {results.get('seeds', 1)} training seed(s) per run, one fact world.",
         f"- Every run: {cfg['train']['steps']} steps of {cfg['train']['batch_size']} x {cfg['seq_len']} tokens, "
         f"AdamW, {cfg['train']['schedule']} schedule; documents re-packed in a fresh order every epoch (`data.repack`).",
         "- QA exact match: greedy answer after the question, normalised (case, punctuation, articles); "

@@ -5,7 +5,8 @@ score and its spread (the sample standard deviation over seeds; 0 for one
 seed). A comparison *holds* only when the difference of the means exceeds
 the sum of the two spreads (the mean +- spread intervals do not touch), *does
 not hold* when it goes the other way by as much, and is *inconclusive*
-otherwise: a reviewer's rule of thumb, stricter than a single-seed ratio.
+otherwise, and always with one seed (no spread to beat): a reviewer's rule of
+thumb, stricter than a single-seed ratio.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def compare(better: Estimate, worse: Estimate, margin: float = 0.0) -> Verdict:
 
     ``holds`` when ``better.mean - worse.mean - margin`` exceeds the sum of the
     spreads, ``does not hold`` when it falls short of ``-(sum of spreads)``, and
-    ``inconclusive`` in between. With one seed each (no spread) every
-    difference decides, which is why claims want >= 3 seeds.
+    ``inconclusive`` in between, and whenever either side has fewer than two
+    seeds: one seed has no spread, so no difference can be told from noise.
     """
+    if min(better.n, worse.n) < 2:
+        return "inconclusive"
     gap = better.mean - worse.mean - margin
     noise = better.spread + worse.spread
     if gap > noise:

@@ -8,7 +8,6 @@ tracebacks shown, checkpoints lost) and writes JSON.
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,13 +15,13 @@ from pathlib import Path
 import torch
 
 from memlayers.bench.reliability import render_reliability, run_reliability
-from memlayers.bench.timing import environment
+from memlayers.bench.timing import environment, source_commit
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="a sample of each group (minutes)")
 parser.add_argument("--out", default="benchmarks/results/reliability.json")
 args = parser.parse_args()
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit = source_commit(Path(__file__).resolve().parents[1])
 start = time.perf_counter()
 with tempfile.TemporaryDirectory() as work:
     results = run_reliability(Path(work), quick=args.quick)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from memlayers.bench.timing import source_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ["tests/distributed", "tests/reliability"]
 COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped)")
@@ -39,11 +41,6 @@ def counts(log: str) -> dict[str, int]:
     tail = "\n".join(log.strip().splitlines()[-3:])
     found = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in COUNTS.findall(tail)}
     return {kind: found.get(kind, 0) for kind in ("passed", "failed", "error", "skipped")}
-
-
-def _git(*args: str) -> str:
-    """The output of a git command in this checkout."""
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def run_once(pytest_args: list[str]) -> tuple[int, float, str]:
@@ -66,7 +63,7 @@ def main() -> None:
     pytest_args = ["-n", args.workers, *(pytest_args or SUITE)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commit = _git("rev-parse", "--short", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--", "src", "tests") else "")
+    commit = source_commit(ROOT)
     spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 1)] if args.load else []
     for spinner in spinners:
         spinner.start()

@@ -2,11 +2,13 @@
 the measured configurations must hold (no timing thresholds: timing belongs to the benchmarks)."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 
 from memlayers import bench
+from memlayers.bench.timing import source_commit
 from memlayers.cli import main
 
 
@@ -75,3 +77,22 @@ def test_a_device_the_machine_lacks_is_a_config_error(monkeypatch, capsys, devic
     assert main(["bench", "bag", "--quick", "--device", device]) == 2
     err = capsys.readouterr().err
     assert err == f"memlayers: config error: {message}\n"
+
+
+def test_source_commit_names_the_commit_and_marks_changed_code(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("r\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    assert source_commit(tmp_path) == head
+    (tmp_path / "README.md").write_text("changed\n")  # outside src and tests: still clean
+    assert source_commit(tmp_path) == head
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == f"{head}-dirty"

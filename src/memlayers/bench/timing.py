@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -46,6 +48,16 @@ def device_name(device: torch.device) -> str:
 def environment(device: torch.device) -> dict[str, str]:
     """Date, device and versions, stored beside every result."""
     return {"date": date.today().isoformat(), "device": device_name(device), "torch": torch.__version__}
+
+
+def source_commit(root: str | Path) -> str:
+    """The short commit of the checkout at ``root``, with ``-dirty`` when its ``src`` or
+    ``tests`` differ from it (what a stored result was measured on)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--", "src", "tests") else "")
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

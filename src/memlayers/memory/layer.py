@@ -93,13 +93,13 @@ class MemoryLayer(nn.Module):
         layer owns it.
         """
         self.search.reset_parameters()
+        model_scale = self.config.output_init == "model" and residual_std is not None
         for linear in (self.w1, self.w2, self.gate):
             if linear is not None:
-                nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features))
+                std = residual_std if linear is self.w2 and model_scale else 1.0 / math.sqrt(linear.in_features)
+                nn.init.normal_(linear.weight, std=std)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-        if self.w2 is not None and self.config.output_init == "model" and residual_std is not None:
-            nn.init.normal_(self.w2.weight, std=residual_std)
         if self.owns_pool:
             self.pool.reset_parameters()
 

@@ -53,7 +53,7 @@ class TuneConfig:
     from ``ratio_range``; one-rate kinds try that many ``lr`` values between stage-1 neighbours."""
     lr_range: tuple[float, float] = (1e-3, 3e-2)
     """Smallest and largest ``lr`` tried."""
-    ratio_range: tuple[float, float] = (1.0, 10.0)
+    ratio_range: tuple[float, float] = (1.0, 30.0)
     """Smallest and largest ``value_lr / lr`` (memory, PEER) and ``expert_lr / lr`` (MoE) tried."""
 
     def __post_init__(self) -> None:

@@ -130,7 +130,8 @@ def test_other_errors_are_not_hidden(monkeypatch):
     (["demo", "--claims", "--seeds", "3"], "--claims takes its seeds from the claims preset"),
     (["demo", "--tune", "--seeds", "2"], "--tune trains one seed per trial"),
     (["demo", "--quick", "--seeds", "0"], "seeds: must be in [1, 100]"),
-    (["demo", "--ablations", "configs/demo_ablations.yaml", "--seeds", "2"], "--tune and --seeds do not apply"),
+    (["demo", "--ablations", "configs/demo_ablations.yaml", "--tune"], "--tune does not apply to --ablations"),
+    (["demo", "--ablations", "configs/demo_ablations.yaml", "--seeds", "0"], "seeds: must be in [1, 100]"),
     (["demo", "--tune", "--quick", "tune.refine_trials=9"], "tune.refine_trials: must be >= 0 and < lr_trials"),
     (["demo", "--quick", "lrs.dense.value_lr=0.1"], "lrs.dense.value_lr: dense has the learning rates ['lr']"),
     (["demo", "--claims", "--quick", "seeds=2"], "seeds: a claims run trains 3 seeds"),  # never ignored

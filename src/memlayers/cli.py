@@ -163,9 +163,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.quick or args.preset:
             raise ConfigError("", "--quick and --preset do not apply to --ablations: the ablation file "
                               "names its preset; change it there or with dotted overrides")
-        if args.tune or args.seeds is not None:
-            raise ConfigError("", "--tune and --seeds do not apply to --ablations")
-        run_ablations(args.ablations, args.out, overrides=args.overrides)
+        if args.tune:
+            raise ConfigError("", "--tune does not apply to --ablations")
+        seeds = [f"seeds={args.seeds}"] if args.seeds is not None else []
+        run_ablations(args.ablations, args.out, overrides=[*args.overrides, *seeds])
         print((Path(args.out) / "ablations.md").read_text())
         return 0
     if args.claims:

@@ -1,6 +1,8 @@
 """Ablation files: variants built from the demo suite with their overrides."""
 
 
+import json
+
 import pytest
 import yaml
 
@@ -48,16 +50,19 @@ def test_unknown_run_and_bad_override_are_config_errors(tmp_path):
         AblationConfig(variants=[Variant("a", "dense"), Variant("a", "dense")])
 
 
-def test_markdown_table_has_a_row_per_variant():
+def test_markdown_table_has_a_row_per_variant_with_spreads_over_seeds():
     rows = [
-        {"name": "a", "run": "dense", "overrides": [], "note": "", "qa_em_recall": 0.25, "qa_em_extraction": 0.125,
-         "answer_nll_extraction": 1.5, "heldout_ppl": None, "tokens_per_s": 1000.0},
-        {"name": "b", "run": "memory-64x64", "overrides": ["optim.value_lr=3e-2"], "note": "n",
-         "qa_em_recall": 0.5, "answer_nll_extraction": 0.7, "heldout_ppl": 3.25, "tokens_per_s": 900.0},
+        {"name": "a", "run": "dense", "overrides": [], "note": "", "seeds": 1, "qa_em_recall": 0.25,
+         "qa_em_extraction": 0.125, "qa_em_validation": 0.375, "answer_nll_extraction": 1.5, "heldout_ppl": None,
+         "tokens_per_s": 1000.0},
+        {"name": "b", "run": "memory-64x64", "overrides": ["optim.value_lr=3e-2"], "note": "n", "seeds": 3,
+         "qa_em_recall": 0.5, "qa_em_recall_spread": 0.05, "answer_nll_extraction": 0.7, "heldout_ppl": 3.25,
+         "tokens_per_s": 900.0},
     ]
     table = markdown_table(rows, "Ablations")
-    assert "| a | dense | - | 12.5% | 25.0% | 1.500 | - | 1,000 |  |" in table
-    assert "| b | memory-64x64 | `optim.value_lr=3e-2` | - | 50.0% | 0.700 | 3.25 | 900 | n |" in table  # no extraction set
+    assert "| variant | from | changes | validation EM | extraction EM | recall EM |" in table
+    assert "| a | dense | - | 37.5% | 12.5% | 25.0% | 1.500 | - | 1,000 |  |" in table
+    assert "| b | memory-64x64 | `optim.value_lr=3e-2` | - | - | 50.0% ± 5.0% | 0.700 | 3.25 | 900 | n |" in table
 
 
 def _ablation_file(tmp_path):
@@ -99,3 +104,24 @@ def test_demo_ablations_refuses_what_it_would_ignore(tmp_path, capsys, extra, me
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
     assert not out.exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_ablations_train_every_variant_per_seed_and_score_the_validation_split(tmp_path):
+    from memlayers.demo.ablations import run_ablations
+
+    out = tmp_path / "out"
+    rows = run_ablations(_ablation_file(tmp_path), out, workers=1,
+                         overrides=["seeds=2", "train.steps=3", "train.eval_qa=4"])
+    assert [(r["name"], r["seeds"]) for r in rows] == [("a", 2), ("b", 2)]
+    for row in rows:
+        for key in ("qa_em_validation", "qa_em_extraction", "qa_em_recall"):
+            assert 0 <= row[key] <= 1 and f"{key}_spread" in row
+    configs = [yaml.safe_load((out / "runs" / "b" / f"seed{k}" / "config.yaml").read_text()) for k in (0, 1)]
+    assert [c["train"]["seed"] for c in configs] == [0, 1]
+    assert configs[0]["data"]["qa"]["validation"].endswith("qa_validation.jsonl")
+    assert configs[0]["data"]["qa"]["extraction"].endswith("qa_test.jsonl")
+    losses = [[r["loss"] for r in map(json.loads, (out / "runs" / "b" / f"seed{k}" / "metrics.jsonl").open()) if "loss" in r]
+              for k in (0, 1)]
+    assert losses[0] != losses[1]  # the seeds are different runs
+    assert "2 seeds each" in (out / "ablations.md").read_text()

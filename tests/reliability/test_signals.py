@@ -228,7 +228,7 @@ def test_sigterm_stops_the_ablations_and_their_workers(tmp_path):
     out = tmp_path / "ablations"
     command = Command([sys.executable, "-m", "memlayers.cli", "demo", "--ablations", str(ablation_file(tmp_path, variants)),
                        "--out", str(out), NEVER_ENDS], tmp_path)
-    command.wait_until(lambda: metrics_lines(out / "runs" / "a") > 0 and metrics_lines(out / "runs" / "b") > 0,
+    command.wait_until(lambda: metrics_lines(out / "runs" / "a" / "seed0") > 0 and metrics_lines(out / "runs" / "b" / "seed0") > 0,
                        "both variants logged")
     send(command, signal.SIGTERM)
     assert_stopped_cleanly(command, signal.SIGTERM)

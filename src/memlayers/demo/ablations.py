@@ -4,12 +4,17 @@ An ablation file (``configs/demo_ablations.yaml``) names a demo preset, dotted
 overrides of it, and a list of variants; each variant starts from one run of
 the demo suite (``dense``, ``memory-256x256``, ...) and changes it with
 RunConfig overrides (``optim.value_lr=3e-2``, ``model.memory.knn=8``, ...).
-``memlayers demo --ablations FILE`` trains them all and writes
-``ablations.json`` and ``ablations.md`` (a table for the demo's report).
+``memlayers demo --ablations FILE`` trains them all (``seeds`` times each,
+the demo config's, e.g. ``--seeds 3``) and writes ``ablations.json`` and
+``ablations.md`` (a table for the demo's report).
+
+Every variant is also scored on the validation split: a design choice made
+from an ablation reads that column, never the test split's extraction EM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from memlayers.config import apply_overrides, check, from_dict, load_config, to_dict
-from memlayers.demo.runner import demo_config, prepare_world, train_suite
+from memlayers.demo.runner import demo_config, prepare_world, train_suite, validation_qa, with_seeds
+from memlayers.demo.stats import aggregate, row_estimate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
 from memlayers.train.config import RunConfig
 
@@ -66,8 +72,9 @@ def build_variants(ablation: AblationConfig, suite: list[DemoRun], out_dir: Path
     return runs
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+def _percent(row: dict[str, Any], key: str) -> str:
+    """``mean ± spread`` of a fraction in ``row`` (its mean alone for one seed), or ``-``."""
+    return "-" if row.get(key) is None else row_estimate(row, key).percent()
 
 
 def _number(value: float | None) -> str:
@@ -79,15 +86,17 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"## {title}",
         "",
-        "| variant | from | changes | extraction EM | recall EM | answer NLL (extraction) | held-out ppl | tokens/s | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | from | changes | validation EM | extraction EM | recall EM | answer NLL (extraction) "
+        "| held-out ppl | tokens/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         changes = ", ".join(f"`{o}`" for o in r["overrides"]) or "-"
         ppl = f"{r['heldout_ppl']:.2f}" if r.get("heldout_ppl") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['run']} | {changes} | {_percent(r.get('qa_em_extraction'))} | "
-            f"{_percent(r.get('qa_em_recall'))} | {_number(r.get('answer_nll_extraction'))} | {ppl} | "
+            f"| {r['name']} | {r['run']} | {changes} | {_percent(r, 'qa_em_validation')} | "
+            f"{_percent(r, 'qa_em_extraction')} | {_percent(r, 'qa_em_recall')} | "
+            f"{_number(r.get('answer_nll_extraction'))} | {ppl} | "
             f"{r['tokens_per_s']:,.0f} | {r['note']} |"
         )
     return "\n".join(lines)
@@ -110,22 +119,23 @@ def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = N
     ablation, demo = load_ablations(path, overrides)
     out_dir = Path(out_dir)
     data, tokenizer = prepare_world(demo, out_dir)
+    data = dataclasses.replace(data, qa={**data.qa, "validation": validation_qa(data)})
     runs = build_variants(ablation, build_runs(demo, data, str(out_dir), tokenizer.vocab_size), out_dir)
-    summaries = train_suite(runs, workers or demo.workers)
-    rows = [
-        {
+    summaries = train_suite(with_seeds(runs, demo.seeds), workers or demo.workers)
+    rows = []
+    for index, v in enumerate(ablation.variants):
+        per_seed = summaries[index * demo.seeds : (index + 1) * demo.seeds]
+        rows.append({
             "name": v.name,
             "run": v.run,
             "overrides": list(v.overrides),
             "note": v.note,
-            **{k: s.get(k) for k in ("qa_em", "answer_nll", "qa_em_recall", "qa_em_extraction", "answer_nll_recall",
-                                     "answer_nll_extraction", "heldout_ppl", "tokens_per_s", "params", "flops_per_token")},
-        }
-        for v, s in zip(ablation.variants, summaries, strict=True)
-    ]
+            **{k: per_seed[0].get(k) for k in ("params", "flops_per_token")},
+            **aggregate(per_seed),
+        })
     minutes = (time.perf_counter() - start) / 60
     world = ", ".join([*ablation.demo_overrides, *overrides]) or "the demo preset"
-    title = f"Ablations ({world}; {minutes:.0f} min)"
+    title = f"Ablations ({world}; {demo.seeds} seed{'s' if demo.seeds > 1 else ''} each; {minutes:.0f} min)"
     saved = {"config": to_dict(ablation), "overrides": list(overrides), "rows": rows}
     (out_dir / "ablations.json").write_text(json.dumps(saved, indent=2))
     (out_dir / "ablations.md").write_text(markdown_table(rows, title) + "\n")

@@ -59,6 +59,12 @@ def prepare_world(demo: DemoConfig, out_dir: Path) -> tuple[DataConfig, Tokenize
     return data, tokenizer
 
 
+def validation_qa(data: DataConfig) -> str:
+    """The validation split's QA file (unseen people, disjoint from the test split) of a
+    world written by :func:`prepare_world`: what tuning and design choices may read."""
+    return str(Path(data.qa["extraction"]).with_name("qa_validation.jsonl"))
+
+
 def _train_one(config: RunConfig, send: Callable[[int], None]) -> dict[str, Any]:
     """Worker: train one run, sending 1 for each step (the parent's progress bar counts them)."""
     from memlayers.train.trainer import Trainer

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from memlayers.config import to_dict
-from memlayers.demo.runner import prepare_world, train_suite
+from memlayers.demo.runner import prepare_world, train_suite, validation_qa
 from memlayers.demo.suite import (
     TUNED,
     DemoConfig,
@@ -97,8 +97,7 @@ def second_stage(kind: str, tune: TuneConfig, best: Setting) -> list[Setting]:
 def tuning_bases(demo: DemoConfig, data: DataConfig, out_dir: Path, vocab_size: int) -> dict[str, DemoRun]:
     """The run each kind's trials start from (the largest memory for ``memory``), with the
     preset's ``lrs`` left out and the validation split as its only QA set."""
-    validation = str(Path(data.qa["extraction"]).with_name("qa_validation.jsonl"))
-    tuned_data = dataclasses.replace(data, qa={"validation": validation})
+    tuned_data = dataclasses.replace(data, qa={"validation": validation_qa(data)})
     return largest_of_each_kind(build_runs(dataclasses.replace(demo, lrs={}), tuned_data, str(out_dir / "tune"), vocab_size))
 
 

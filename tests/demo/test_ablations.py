@@ -39,6 +39,15 @@ def test_shipped_ablations_build(tmp_path):
     assert len(out_dirs) == len(runs) and all(str(tmp_path) in d for d in out_dirs)
 
 
+def test_shipped_design_ablations_build_with_three_seeds(tmp_path):
+    ablation, demo = load_ablations("demo_design")
+    assert demo.seeds == 3
+    runs = build_variants(ablation, _suite(tmp_path, demo), tmp_path)
+    designs = [(r.config.model.memory_mode, r.config.model.memory.output_init) for r in runs if r.memory_slots]
+    assert designs == [("replace", "paper"), ("replace", "model"), ("parallel", "paper"), ("parallel", "model")]
+    assert all(r.config.model.memory.n_keys == 256 and r.config.model.memory_layers == (2,) for r in runs if r.memory_slots)
+
+
 def test_unknown_run_and_bad_override_are_config_errors(tmp_path):
     suite = _suite(tmp_path)
     with pytest.raises(ConfigError, match="unknown run 'memory-7'"):

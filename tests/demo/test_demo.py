@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -10,13 +11,14 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from memlayers.config import ConfigError, load_config
+from memlayers.config import ConfigError, from_dict, load_config
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo import DemoConfig, build_runs, demo_config, run_demo
 from memlayers.demo.report import summary_lines
+from memlayers.demo.runner import finished_summary
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.train.checkpoint import read_state
-from memlayers.train.config import DataConfig
+from memlayers.train.config import DataConfig, RunConfig
 
 KINDS = ["dense", "memory", "memory", "memory", "memory", "moe", "dense_big"]
 
@@ -273,6 +275,28 @@ def test_run_demo_end_to_end(tmp_path):
     for line in summary_lines(saved):
         assert line in report
     assert not any(p.name.startswith(".") for p in out_dir.iterdir())  # no temporary files left
+
+    # a finished run reads back as its summary; another config does not
+    dense_dir = out_dir / "runs" / "dense" / "seed1"
+    config = from_dict(RunConfig, read_state(next((dense_dir / "checkpoints").iterdir()))["config"])
+    back = finished_summary(config)
+    assert {k: back[k] for k in ("qa_em_recall", "qa_em_extraction", "answer_nll_extraction")} == {
+        k: runs[0]["per_seed"][1][k] for k in ("qa_em_recall", "qa_em_extraction", "answer_nll_extraction")}
+    assert (back["params"], back["flops_per_token"], back["step"]) == (runs[0]["params"], runs[0]["flops_per_token"], 4)
+    assert finished_summary(dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.5))) is None
+
+    # run again with a third seed, one run's final evaluation lost: the other 13 runs are read
+    # back (not retrained), the interrupted one is moved aside and trained again, seed 2 is new
+    metrics = dense_dir / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
+    kept = {p: p.stat().st_mtime_ns for p in out_dir.glob("runs/*/seed[01]/metrics.jsonl") if p != metrics}
+    again = run_demo(quick=True, out_dir=out_dir, overrides=[*TOY, "seeds=3"])
+    assert len(kept) == 13 and {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert any((dense_dir / "replaced").iterdir())
+    for before, after in zip(runs, again["runs"], strict=True):
+        assert after["seeds"] == 3 and [s["seed"] for s in after["per_seed"]] == [0, 1, 2]
+        for k in ("qa_em_recall", "qa_em_extraction", "answer_nll_extraction"):
+            assert [s[k] for s in after["per_seed"][:2]] == pytest.approx([s[k] for s in before["per_seed"]])
 
 
 def test_parallel_memory_needs_a_wider_flops_tolerance_and_keeps_the_matching(tmp_path):

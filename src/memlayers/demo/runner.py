@@ -6,12 +6,19 @@ laptop-class machine). One progress bar counts the steps of all runs. Every
 run reports recall (questions of the seen people, trained on) and extraction
 (the test people's questions, never trained on); each row of results.json
 is the mean and spread over the seeds (``memlayers.demo.stats``).
+
+A command run again into the same output directory (after an interruption,
+or to add seeds or runs) reads back every run that finished there with the
+same config and the same data and tokenizer files, and trains the rest; an
+unfinished or different run is moved aside to ``replaced/``, never deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +33,12 @@ from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import write_report
 from memlayers.demo.stats import SCORES, aggregate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
-from memlayers.model.accounting import count_flops
+from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.procs import run_all
+from memlayers.train.checkpoint import CheckpointError, read_state, resolve_checkpoint
 from memlayers.train.config import DataConfig, RunConfig
+from memlayers.train.metrics import read_metrics
+from memlayers.train.run_dir import file_fingerprint
 
 
 def demo_config(quick: bool, overrides: list[str] = (), preset: str | None = None) -> DemoConfig:
@@ -65,11 +75,46 @@ def validation_qa(data: DataConfig) -> str:
     return str(Path(data.qa["extraction"]).with_name("qa_validation.jsonl"))
 
 
+def _data_files(data: DataConfig) -> dict[str, str | None]:
+    """The files a run of ``data`` reads, by the names its checkpoints fingerprint them under."""
+    return {"train": data.train, "heldout": data.heldout, **{f"qa.{name}": path for name, path in data.qa.items()},
+            "tokenizer": data.tokenizer}
+
+
+def finished_summary(config: RunConfig) -> dict[str, Any] | None:
+    """The summary of a run that an earlier command completed in ``config.train.out_dir`` with
+    exactly ``config`` and the same data and tokenizer files (its final checkpoint and final
+    evaluation are there), read back instead of retrained; None for anything else."""
+    run_dir = Path(config.train.out_dir)
+    try:
+        checkpoint = resolve_checkpoint(run_dir)
+        state = read_state(checkpoint)
+    except CheckpointError:
+        return None
+    if state.get("step") != config.train.steps or state.get("config") != json.loads(json.dumps(to_dict(config))):
+        return None
+    files, saved = _data_files(config.data), state.get("fingerprints") or {}
+    if set(saved) != {name for name, path in files.items() if path is not None}:
+        return None
+    if any(file_fingerprint(files[name]) != digest for name, digest in saved.items()):
+        return None
+    last = [r for r in read_metrics(run_dir) if r.get("step") == config.train.steps]
+    final = [r for r in last if "loss" not in r]  # the final evaluation follows the last step's log line
+    logged = [r for r in last if "tokens_per_s" in r]
+    if not final or not logged:
+        return None  # stopped between the final checkpoint and the final evaluation
+    params, flops = count_parameters(config.model), count_flops(config.model, config.data.seq_len)
+    return {**final[-1], "step": config.train.steps, "checkpoint": str(checkpoint),
+            "tokens_per_s": logged[-1]["tokens_per_s"], "params": params.total, "memory_params": params.memory,
+            "active_params": params.active, "flops_per_token": flops.total}
+
+
 def _train_one(config: RunConfig, send: Callable[[int], None]) -> dict[str, Any]:
-    """Worker: train one run, sending 1 for each step (the parent's progress bar counts them)."""
+    """Worker: train one run afresh (an unfinished one there moves aside), sending 1 for each
+    step (the parent's progress bar counts them)."""
     from memlayers.train.trainer import Trainer
 
-    return Trainer(config).fit(progress=False, on_step=lambda step: send(1))
+    return Trainer(config, overwrite=True).fit(progress=False, on_step=lambda step: send(1))
 
 
 def with_seeds(runs: list[DemoRun], seeds: int) -> list[DemoRun]:
@@ -86,9 +131,22 @@ def with_seeds(runs: list[DemoRun], seeds: int) -> list[DemoRun]:
 def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     """Train every run (``workers`` at a time, each in its own process) and return their summaries in order.
 
-    A run that fails stops the others and is named in the error; SIGINT or
-    SIGTERM stop them all (``memlayers.procs.run_all``).
+    A run that finished in its directory with the same config and files is read back
+    (:func:`finished_summary`), not retrained. A run that fails stops the others and is named
+    in the error; SIGINT or SIGTERM stop them all (``memlayers.procs.run_all``).
     """
+    done = [finished_summary(run.config) for run in runs]
+    if any(done):
+        print(f"memlayers: read back {sum(s is not None for s in done)} of {len(runs)} runs that finished "
+              "in the output directory with the same config and data", file=sys.stderr)
+    fresh = iter(_train([run for run, summary in zip(runs, done, strict=True) if summary is None], workers))
+    return [summary if summary is not None else next(fresh) for summary in done]
+
+
+def _train(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
+    """Train ``runs``; their summaries in order."""
+    if not runs:
+        return []
     total = sum(run.config.train.steps for run in runs)
     # the costliest runs first, so that no worker is left with a long run at the end
     order = sorted(range(len(runs)), key=lambda i: -count_flops(runs[i].config.model).total * runs[i].config.train.steps)

@@ -45,8 +45,6 @@ from memlayers.demo.suite import (
     largest_of_each_kind,
 )
 from memlayers.train.config import DataConfig
-from memlayers.train.metrics import read_metrics
-from memlayers.train.run_dir import move_aside
 
 Setting = dict[str, float]
 """Learning rates of one trial, by optim key (``lr`` and maybe ``value_lr`` or ``expert_lr``)."""
@@ -136,32 +134,6 @@ def select(trials: list[tuple[DemoRun, Setting]], summaries: list[dict[str, Any]
     return {kind: setting for kind, (_, setting) in best.items()}
 
 
-def finished(run: DemoRun, setting: Setting) -> dict[str, Any] | None:
-    """The final validation scores of a trial that an earlier ``--tune`` into the same directory
-    completed with the same ``setting`` (its metrics.jsonl has them at the last step), else None."""
-    run_dir = Path(run.config.train.out_dir)
-    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-        return None
-    optim = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("optim", {})
-    if any(optim.get(name) != value for name, value in setting.items()):
-        return None  # a stage-2 trial around a different stage-1 best
-    final = [r for r in read_metrics(run_dir)
-             if r.get("step") == run.config.train.steps and "qa_em_validation" in r and "answer_nll_validation" in r]
-    return final[-1] if final else None
-
-
-def train_trials(trials: list[tuple[DemoRun, Setting]], workers: int) -> list[dict[str, Any]]:
-    """The final summaries of ``trials``: read back where an earlier ``--tune`` finished them,
-    trained (``workers`` at a time) where not; an unfinished try is kept under ``replaced/``."""
-    summaries: list[dict[str, Any] | None] = [finished(run, setting) for run, setting in trials]
-    todo = [run for (run, _), summary in zip(trials, summaries, strict=True) if summary is None]
-    for run in todo:
-        if Path(run.config.train.out_dir).is_dir():
-            move_aside(Path(run.config.train.out_dir))
-    fresh = iter(train_suite(todo, workers))
-    return [summary if summary is not None else next(fresh) for summary in summaries]
-
-
 def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
     """Train both stages on the demo's world, write tuning.json and tuned.yaml into ``out_dir``,
     return the selected ``lrs``. Run again into the same ``out_dir`` after an interruption,
@@ -171,9 +143,9 @@ def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
     out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_world(demo, out_dir)
     first = first_stage_runs(demo, data, out_dir, tokenizer.vocab_size)
-    first_scores = train_trials(first, demo.workers)
+    first_scores = train_suite([run for run, _ in first], demo.workers)
     second = second_stage_runs(first, select(first, first_scores), demo.tune, out_dir)
-    trials, summaries = first + second, first_scores + train_trials(second, demo.workers)
+    trials, summaries = first + second, first_scores + train_suite([run for run, _ in second], demo.workers)
     chosen = select(trials, summaries)
     record = {
         "config": to_dict(demo),

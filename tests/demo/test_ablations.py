@@ -43,9 +43,11 @@ def test_shipped_design_ablations_build_with_three_seeds(tmp_path):
     ablation, demo = load_ablations("demo_design")
     assert demo.seeds == 3
     runs = build_variants(ablation, _suite(tmp_path, demo), tmp_path)
-    designs = [(r.config.model.memory_mode, r.config.model.memory.output_init) for r in runs if r.memory_slots]
-    assert designs == [("replace", "paper"), ("replace", "model"), ("parallel", "paper"), ("parallel", "model")]
-    assert all(r.config.model.memory.n_keys == 256 and r.config.model.memory_layers == (2,) for r in runs if r.memory_slots)
+    designs = [(r.config.model.memory_layers, r.config.model.memory_mode, r.config.model.memory.output_init)
+               for r in runs if r.memory_slots]
+    assert designs == [((2,), "replace", "paper"), ((2,), "replace", "model"), ((2,), "parallel", "paper"),
+                       ((2,), "parallel", "model"), ((1, 3), "replace", "paper"), ((1, 3), "replace", "model")]
+    assert all(r.config.model.memory.n_keys == 256 for r in runs if r.memory_slots)
 
 
 def test_unknown_run_and_bad_override_are_config_errors(tmp_path):

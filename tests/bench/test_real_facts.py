@@ -34,6 +34,7 @@ def test_dense_and_memory_train_on_the_airports_through_the_command_line(tmp_pat
             config = load_config(RunConfig, tmp_path / "runs" / row["checkpoint"].split("/")[1] / f"seed{seed}.yaml")
             assert config.train.seed == seed
             assert config.data.qa == {"recall": str(tmp_path / "data" / "qa_seen.jsonl"),
+                                      "validation": str(tmp_path / "data" / "qa_validation.jsonl"),
                                       "extraction": str(tmp_path / "data" / "qa_test.jsonl")}
             assert config.data.train == str(tmp_path / "data" / "train.jsonl")
     memory = results["runs"][1]
@@ -42,3 +43,11 @@ def test_dense_and_memory_train_on_the_airports_through_the_command_line(tmp_pat
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
     assert (tmp_path / "real_facts.md").read_text() == render(results) + "\n"
     assert json.loads((tmp_path / "data" / "tokenizer.json").read_text())["model"]  # one tokenizer for all runs
+
+    # run again with a second seed: the finished runs are read back, only seed 1 trains
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed0/metrics.jsonl")}
+    again = run_real_facts(tmp_path, quick=True, seeds=2, kinds=("dense", "memory"),
+                           facts=AirportFactsConfig(n_airports=24, docs_per_airport=2), overrides=toy)
+    assert len(kept) == 2 and {p: p.stat().st_mtime_ns for p in kept} == kept
+    for before, after in zip(results["runs"], again["runs"], strict=True):
+        assert after["seeds"] == 2 and after["per_seed"][0]["qa_em_validation"] == before["per_seed"][0]["qa_em_validation"]

@@ -94,7 +94,7 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     if state.get("step") != config.train.steps or state.get("config") != json.loads(json.dumps(to_dict(config))):
         return None
     files, saved = _data_files(config.data), state.get("fingerprints") or {}
-    if set(saved) != {name for name, path in files.items() if path is not None}:
+    if set(saved) != set(files) or any(path is not None and not Path(path).is_file() for path in files.values()):
         return None
     if any(file_fingerprint(files[name]) != digest for name, digest in saved.items()):
         return None

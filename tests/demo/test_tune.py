@@ -64,7 +64,7 @@ def test_refinements_of_a_one_rate_kind_are_the_midpoints_next_to_its_best():
                                              ({"lr_trials": 3, "refine_trials": 3}, "refine_trials"),
                                              ({"lr_range": (3e-2, 1e-3)}, "lr_range"),
                                              ({"ratio_range": (0.0, 1.0)}, "ratio_range"),
-                                             ({"ratio_range": (2.0, 2.0)}, "ratio_range")])
+                                             ({"ratio_range": (2.0, 2.0)}, "ratio_range"), ({"seeds": 0}, "seeds")])
 def test_tune_config_errors(kwargs, key):
     with pytest.raises(ConfigError) as info:
         TuneConfig(**kwargs)
@@ -134,25 +134,30 @@ def test_a_toy_tuning_writes_its_choice_and_resumes_after_an_interruption(tmp_pa
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_demo import TOY
 
-    demo = demo_config(True, [*TOY, "tune.lr_trials=2", "tune.refine_trials=1", "memory_sizes=[4,8]"])
+    demo = demo_config(True, [*TOY, "tune.lr_trials=2", "tune.refine_trials=1", "tune.seeds=2", "memory_sizes=[4,8]"])
     lrs = run_tuning(demo, tmp_path)
     assert set(lrs) == {"dense", "memory", "moe", "dense_big"}
     assert yaml.safe_load((tmp_path / "tuned.yaml").read_text()) == {"lrs": lrs}
     record = json.loads((tmp_path / "tuning.json").read_text())
-    assert record["selected_on"] == "validation" and len(record["trials"]) == 4 * 3
+    assert record["selected_on"] == "validation" and record["seeds"] == 2 and len(record["trials"]) == 4 * 3
     assert [t["stage"] for t in record["trials"]] == [1] * 8 + [2] * 4
     assert all(set(t) >= {"kind", "lr", "qa_em_validation"} for t in record["trials"])
+    for t in record["trials"]:  # a setting's score is the mean over its seeds
+        assert len(t["qa_em_validation_per_seed"]) == 2
+        assert t["qa_em_validation"] == pytest.approx(sum(t["qa_em_validation_per_seed"]) / 2)
     for kind, chosen in lrs.items():
         mine = [t for t in record["trials"] if t["kind"] == kind]
         best = max(mine, key=lambda t: (t["qa_em_validation"], -t["answer_nll_validation"]))
         assert chosen == {name: best[name] for name in TUNED[kind]}
-        stage2 = yaml.safe_load((tmp_path / "tune" / kind / "trial2" / "config.yaml").read_text())["optim"]
-        assert {name: stage2[name] for name in TUNED[kind]} == {name: mine[2][name] for name in TUNED[kind]}
+        for seed in (0, 1):
+            stage2 = yaml.safe_load((tmp_path / "tune" / kind / "trial2" / f"seed{seed}" / "config.yaml").read_text())
+            assert {name: stage2["optim"][name] for name in TUNED[kind]} == {name: mine[2][name] for name in TUNED[kind]}
+            assert stage2["train"]["seed"] == seed
     # interrupt one trial (its final evaluation is lost): a rerun trains it alone, the rest are read back
-    metrics = tmp_path / "tune" / "dense" / "trial2" / "metrics.jsonl"
+    metrics = tmp_path / "tune" / "dense" / "trial2" / "seed1" / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
-    kept = (tmp_path / "tune" / "moe" / "trial2" / "metrics.jsonl").stat().st_mtime_ns
+    kept = (tmp_path / "tune" / "moe" / "trial2" / "seed1" / "metrics.jsonl").stat().st_mtime_ns
     assert run_tuning(demo, tmp_path) == lrs
-    assert (tmp_path / "tune" / "moe" / "trial2" / "metrics.jsonl").stat().st_mtime_ns == kept
-    assert any((tmp_path / "tune" / "dense" / "trial2" / "replaced").iterdir())  # the interrupted try, kept aside
+    assert (tmp_path / "tune" / "moe" / "trial2" / "seed1" / "metrics.jsonl").stat().st_mtime_ns == kept
+    assert any((tmp_path / "tune" / "dense" / "trial2" / "seed1" / "replaced").iterdir())  # the interrupted try, kept aside
     assert json.loads((tmp_path / "tuning.json").read_text())["trials"] == record["trials"]

@@ -91,8 +91,11 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
         state = read_state(checkpoint)
     except CheckpointError:
         return None
-    if state.get("step") != config.train.steps or state.get("config") != json.loads(json.dumps(to_dict(config))):
-        return None
+    now = json.loads(json.dumps(to_dict(config)))
+    then = state.get("config") or {}
+    if state.get("step") != config.train.steps or {**then, "train": {**then.get("train", {}), "out_dir": None}} != {
+            **now, "train": {**now["train"], "out_dir": None}}:
+        return None  # the same run moved to another directory still counts
     files, saved = _data_files(config.data), state.get("fingerprints") or {}
     if set(saved) != set(files) or any(path is not None and not Path(path).is_file() for path in files.values()):
         return None

@@ -55,9 +55,13 @@ class TuneConfig:
     """Smallest and largest ``lr`` tried."""
     ratio_range: tuple[float, float] = (1.0, 30.0)
     """Smallest and largest ``value_lr / lr`` (memory, PEER) and ``expert_lr / lr`` (MoE) tried."""
+    seeds: int = 2
+    """Training seeds per setting (``train.seed`` + 0, 1, ...); settings are compared by their
+    mean validation score."""
 
     def __post_init__(self) -> None:
         check(self.lr_trials >= 1, "lr_trials", f"must be >= 1, got {self.lr_trials}")
+        check(1 <= self.seeds <= 10, "seeds", f"must be in [1, 10], got {self.seeds}")
         check(0 <= self.refine_trials < self.lr_trials, "refine_trials",
               f"must be >= 0 and < lr_trials ({self.lr_trials}): one-rate kinds refine between "
               f"stage-1 neighbours, of which there are lr_trials - 1; got {self.refine_trials}")

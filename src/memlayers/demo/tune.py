@@ -19,7 +19,10 @@ only the square root of the trials per rate):
    ratios from ``ratio_range``, and a one-rate kind trains the ``refine_trials``
    ``lr`` values halfway (in log) between stage-1 neighbours nearest its best.
 
-Every kind thus trains exactly ``lr_trials + refine_trials`` runs.
+Every kind thus trains exactly ``lr_trials + refine_trials`` settings, each
+with ``seeds`` seeds, and a setting is judged by its mean: with one seed the
+selection picks whichever trial was lucky, often a learning rate at the edge
+of divergence (docs/evidence/log.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import Any
 import yaml
 
 from memlayers.config import to_dict
-from memlayers.demo.runner import prepare_world, train_suite, validation_qa
+from memlayers.demo.runner import prepare_world, train_suite, validation_qa, with_seeds
+from memlayers.demo.stats import aggregate
 from memlayers.demo.suite import (
     TUNED,
     DemoConfig,
@@ -124,14 +128,27 @@ def second_stage_runs(first: list[tuple[DemoRun, Setting]], best: dict[str, Sett
 
 
 def select(trials: list[tuple[DemoRun, Setting]], summaries: list[dict[str, Any]]) -> dict[str, Setting]:
-    """Per kind, the setting with the highest ``qa_em_validation`` (ties: lowest
-    ``answer_nll_validation``, then the earlier trial); no other score is read."""
+    """Per kind, the setting with the highest ``qa_em_validation`` (its mean over the tuning
+    seeds; ties: lowest ``answer_nll_validation``, then the earlier trial); no other score is read."""
     best: dict[str, tuple[tuple[float, float], Setting]] = {}
     for (run, setting), summary in zip(trials, summaries, strict=True):
         score = (summary["qa_em_validation"], -summary["answer_nll_validation"])
         if run.kind not in best or score > best[run.kind][0]:
             best[run.kind] = (score, setting)
     return {kind: setting for kind, (_, setting) in best.items()}
+
+
+def train_trials(trials: list[tuple[DemoRun, Setting]], seeds: int, workers: int) -> list[dict[str, Any]]:
+    """Each trial trained with ``seeds`` seeds (into ``trial<i>/seed<k>``); per trial, the mean
+    and spread of its validation scores over them (:func:`memlayers.demo.stats.aggregate`)."""
+    summaries = train_suite(with_seeds([run for run, _ in trials], seeds), workers)
+    scores = []
+    for index in range(len(trials)):
+        per_seed = summaries[index * seeds : (index + 1) * seeds]
+        row = aggregate(per_seed)
+        row["per_seed"] = [s["qa_em_validation"] for s in per_seed]
+        scores.append(row)
+    return scores
 
 
 def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
@@ -143,16 +160,19 @@ def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
     out_dir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_world(demo, out_dir)
     first = first_stage_runs(demo, data, out_dir, tokenizer.vocab_size)
-    first_scores = train_suite([run for run, _ in first], demo.workers)
+    seeds = demo.tune.seeds
+    first_scores = train_trials(first, seeds, demo.workers)
     second = second_stage_runs(first, select(first, first_scores), demo.tune, out_dir)
-    trials, summaries = first + second, first_scores + train_suite([run for run, _ in second], demo.workers)
+    trials, summaries = first + second, first_scores + train_trials(second, seeds, demo.workers)
     chosen = select(trials, summaries)
     record = {
         "config": to_dict(demo),
         "selected_on": "validation",
+        "seeds": seeds,
         "trials": [
             {"kind": run.kind, "stage": 1 if index < len(first) else 2, **setting,
-             **{k: s[k] for k in ("qa_em_validation", "answer_nll_validation") if k in s}}
+             **{k: s[k] for k in ("qa_em_validation", "qa_em_validation_spread", "answer_nll_validation") if k in s},
+             "qa_em_validation_per_seed": s["per_seed"]}
             for index, ((run, setting), s) in enumerate(zip(trials, summaries, strict=True))
         ],
         "lrs": chosen,
@@ -160,6 +180,6 @@ def run_tuning(demo: DemoConfig, out_dir: str | Path) -> dict[str, Setting]:
     }
     (out_dir / "tuning.json").write_text(json.dumps(record, indent=2))
     header = (f"# learning rates selected by `memlayers demo --tune` on the validation split "
-              f"({demo.tune.trials} trials per kind in two stages); paste into the demo preset\n")
+              f"({demo.tune.trials} trials per kind in two stages, {seeds} seed(s) each); paste into the demo preset\n")
     (out_dir / "tuned.yaml").write_text(header + yaml.safe_dump({"lrs": chosen}, sort_keys=False))
     return chosen

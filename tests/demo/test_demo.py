@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -284,6 +285,10 @@ def test_run_demo_end_to_end(tmp_path):
         k: runs[0]["per_seed"][1][k] for k in ("qa_em_recall", "qa_em_extraction", "answer_nll_extraction")}
     assert (back["params"], back["flops_per_token"], back["step"]) == (runs[0]["params"], runs[0]["flops_per_token"], 4)
     assert finished_summary(dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.5))) is None
+    moved = tmp_path / "moved"
+    shutil.copytree(dense_dir, moved)  # the same run in another directory still counts as finished
+    elsewhere = finished_summary(dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(moved))))
+    assert elsewhere["qa_em_extraction"] == back["qa_em_extraction"] and elsewhere["checkpoint"].startswith(str(moved))
 
     # run again with a third seed, one run's final evaluation lost: the other 13 runs are read
     # back (not retrained), the interrupted one is moved aside and trained again, seed 2 is new

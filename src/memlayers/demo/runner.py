@@ -81,6 +81,13 @@ def _data_files(data: DataConfig) -> dict[str, str | None]:
             "tokenizer": data.tokenizer}
 
 
+def _placeless(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as JSON sees it, without ``train.out_dir``: the same run moved elsewhere still matches."""
+    config = json.loads(json.dumps(config))
+    config.get("train", {}).pop("out_dir", None)
+    return config
+
+
 def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     """The summary of a run that an earlier command completed in ``config.train.out_dir`` with
     exactly ``config`` and the same data and tokenizer files (its final checkpoint and final
@@ -91,17 +98,17 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
         state = read_state(checkpoint)
     except CheckpointError:
         return None
-    now = json.loads(json.dumps(to_dict(config)))
-    then = state.get("config") or {}
-    if state.get("step") != config.train.steps or {**then, "train": {**then.get("train", {}), "out_dir": None}} != {
-            **now, "train": {**now["train"], "out_dir": None}}:
-        return None  # the same run moved to another directory still counts
+    if state.get("step") != config.train.steps or _placeless(state.get("config") or {}) != _placeless(to_dict(config)):
+        return None
     files, saved = _data_files(config.data), state.get("fingerprints") or {}
     if set(saved) != set(files) or any(path is not None and not Path(path).is_file() for path in files.values()):
         return None
     if any(file_fingerprint(files[name]) != digest for name, digest in saved.items()):
         return None
-    last = [r for r in read_metrics(run_dir) if r.get("step") == config.train.steps]
+    try:
+        last = [r for r in read_metrics(run_dir) if r.get("step") == config.train.steps]
+    except (OSError, ValueError):  # no metrics.jsonl, or a line cut short
+        return None
     final = [r for r in last if "loss" not in r]  # the final evaluation follows the last step's log line
     logged = [r for r in last if "tokens_per_s" in r]
     if not final or not logged:

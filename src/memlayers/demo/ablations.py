@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from memlayers.config import apply_overrides, check, from_dict, load_config, to_dict
-from memlayers.demo.runner import demo_config, prepare_world, train_suite, validation_qa, with_seeds
+from memlayers.demo.runner import (
+    demo_config,
+    per_run,
+    prepare_world,
+    train_suite,
+    validation_qa,
+    with_seeds,
+)
 from memlayers.demo.stats import aggregate, row_estimate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
 from memlayers.train.config import RunConfig
@@ -123,8 +130,7 @@ def run_ablations(path: str | Path, out_dir: str | Path, workers: int | None = N
     runs = build_variants(ablation, build_runs(demo, data, str(out_dir), tokenizer.vocab_size), out_dir)
     summaries = train_suite(with_seeds(runs, demo.seeds), workers or demo.workers)
     rows = []
-    for index, v in enumerate(ablation.variants):
-        per_seed = summaries[index * demo.seeds : (index + 1) * demo.seeds]
+    for v, per_seed in zip(ablation.variants, per_run(summaries, demo.seeds), strict=True):
         rows.append({
             "name": v.name,
             "run": v.run,

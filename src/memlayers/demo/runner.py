@@ -138,6 +138,11 @@ def with_seeds(runs: list[DemoRun], seeds: int) -> list[DemoRun]:
     return seeded
 
 
+def per_run(summaries: list[dict[str, Any]], seeds: int) -> list[list[dict[str, Any]]]:
+    """Run-major summaries (as :func:`with_seeds` orders the runs) grouped into each run's seeds."""
+    return [summaries[start : start + seeds] for start in range(0, len(summaries), seeds)]
+
+
 def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     """Train every run (``workers`` at a time, each in its own process) and return their summaries in order.
 
@@ -183,8 +188,7 @@ def result_rows(runs: list[DemoRun], summaries: list[dict[str, Any]], seeds: int
     ``seeds`` (the summaries come run-major, as :func:`with_seeds` orders them), its learning
     rates and each seed's scores."""
     rows = []
-    for index, run in enumerate(runs):
-        per_seed = summaries[index * seeds : (index + 1) * seeds]
+    for run, per_seed in zip(runs, per_run(summaries, seeds), strict=True):
         first, optim = per_seed[0], run.config.optim
         rows.append({
             "name": run.name,

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from memlayers.config import to_dict
-from memlayers.demo.runner import prepare_world, train_suite, validation_qa, with_seeds
+from memlayers.demo.runner import per_run, prepare_world, train_suite, validation_qa, with_seeds
 from memlayers.demo.stats import aggregate
 from memlayers.demo.suite import (
     TUNED,
@@ -143,8 +143,7 @@ def train_trials(trials: list[tuple[DemoRun, Setting]], seeds: int, workers: int
     and spread of its validation scores over them (:func:`memlayers.demo.stats.aggregate`)."""
     summaries = train_suite(with_seeds([run for run, _ in trials], seeds), workers)
     scores = []
-    for index in range(len(trials)):
-        per_seed = summaries[index * seeds : (index + 1) * seeds]
+    for per_seed in per_run(summaries, seeds):
         row = aggregate(per_seed)
         row["per_seed"] = [s["qa_em_validation"] for s in per_seed]
         scores.append(row)

@@ -30,7 +30,7 @@ from memlayers.data.airports import AirportFactsConfig, write_airport_facts
 from memlayers.data.text import read_documents
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import learning_rates
-from memlayers.demo.runner import demo_config, finished_summary, result_rows, with_seeds
+from memlayers.demo.runner import demo_config, result_rows, train_suite, with_seeds
 from memlayers.demo.stats import row_estimate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs, largest_of_each_kind
 from memlayers.procs import run_all
@@ -51,6 +51,18 @@ def train_from_cli(config_path: str, send: Callable[[Any], None]) -> dict[str, A
     summary.update(read_metrics(config["train"]["out_dir"])[-1])  # the final evaluation, unrounded
     send(1)
     return {**summary, "checkpoint": printed["checkpoint"].strip()}
+
+
+def train_with_cli(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
+    """Write each run's config as ``OUT_DIR.yaml`` and train it with ``memlayers train`` in its own
+    process, ``workers`` at a time; their summaries in order."""
+    jobs = []
+    for run in runs:
+        path = Path(run.config.train.out_dir + ".yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+        jobs.append((f"{run.name} (seed {run.config.train.seed})", (str(path),)))
+    return run_all(train_from_cli, jobs, workers)
 
 
 def real_fact_runs(out_dir: Path, demo: DemoConfig, kinds: tuple[str, ...], facts: AirportFactsConfig) -> list[DemoRun]:
@@ -77,18 +89,7 @@ def run_real_facts(out_dir: str | Path, quick: bool = False, seeds: int = 3,
     facts = facts or AirportFactsConfig()
     demo = demo_config(quick, list(overrides))
     runs = real_fact_runs(out_dir, demo, kinds, facts)
-    seeded = with_seeds(runs, seeds)
-    done = [finished_summary(run.config) for run in seeded]
-    jobs = []
-    for run, summary in zip(seeded, done, strict=True):
-        if summary is not None:
-            continue
-        path = Path(run.config.train.out_dir + ".yaml")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
-        jobs.append((f"{run.name} (seed {run.config.train.seed})", (str(path),)))
-    fresh = iter(run_all(train_from_cli, jobs, demo.workers) if jobs else [])
-    summaries = [summary if summary is not None else next(fresh) for summary in done]
+    summaries = train_suite(with_seeds(runs, seeds), demo.workers, train=train_with_cli)
     results = {
         "runs": result_rows(runs, summaries, seeds, out_dir),
         "facts": dataclasses.asdict(facts),

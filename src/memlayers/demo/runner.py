@@ -143,25 +143,27 @@ def per_run(summaries: list[dict[str, Any]], seeds: int) -> list[list[dict[str, 
     return [summaries[start : start + seeds] for start in range(0, len(summaries), seeds)]
 
 
-def train_suite(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
+def train_suite(runs: list[DemoRun], workers: int,
+                train: Callable[[list[DemoRun], int], list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Train every run (``workers`` at a time, each in its own process) and return their summaries in order.
 
     A run that finished in its directory with the same config and files is read back
-    (:func:`finished_summary`), not retrained. A run that fails stops the others and is named
-    in the error; SIGINT or SIGTERM stop them all (``memlayers.procs.run_all``).
+    (:func:`finished_summary`), not retrained; ``train(runs, workers)`` trains the others
+    (default: in-process workers with one progress bar; the real-facts bench passes one that
+    calls ``memlayers train``). A run that fails stops the others and is named in the error;
+    SIGINT or SIGTERM stop them all (``memlayers.procs.run_all``).
     """
     done = [finished_summary(run.config) for run in runs]
     if any(done):
         print(f"memlayers: read back {sum(s is not None for s in done)} of {len(runs)} runs that finished "
               "in the output directory with the same config and data", file=sys.stderr)
-    fresh = iter(_train([run for run, summary in zip(runs, done, strict=True) if summary is None], workers))
+    missing = [run for run, summary in zip(runs, done, strict=True) if summary is None]
+    fresh = iter((train or _train)(missing, workers) if missing else [])
     return [summary if summary is not None else next(fresh) for summary in done]
 
 
 def _train(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     """Train ``runs``; their summaries in order."""
-    if not runs:
-        return []
     total = sum(run.config.train.steps for run in runs)
     # the costliest runs first, so that no worker is left with a long run at the end
     order = sorted(range(len(runs)), key=lambda i: -count_flops(runs[i].config.model).total * runs[i].config.train.steps)

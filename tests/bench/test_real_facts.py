@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def test_dense_and_memory_train_on_the_airports_through_the_command_line(tmp_pat
     assert (tmp_path / "real_facts.md").read_text() == render(results) + "\n"
     assert json.loads((tmp_path / "data" / "tokenizer.json").read_text())["model"]  # one tokenizer for all runs
 
-    # run again with a second seed: the finished runs are read back, only seed 1 trains
+    # run again with a second seed, through the benchmark script (its runs start in spawned
+    # processes, which import the script again): the finished runs are read back, only seed 1 trains
     kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed0/metrics.jsonl")}
-    again = run_real_facts(tmp_path, quick=True, seeds=2, kinds=("dense", "memory"),
-                           facts=AirportFactsConfig(n_airports=24, docs_per_airport=2), overrides=toy)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_real_facts.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--seeds", "2", "--airports", "24", "--docs", "2",
+                    "--kinds", "dense,memory", "--out", str(tmp_path), *toy], check=True, capture_output=True)
+    again = json.loads((tmp_path / "real_facts.json").read_text())
     assert len(kept) == 2 and {p: p.stat().st_mtime_ns for p in kept} == kept
     for before, after in zip(results["runs"], again["runs"], strict=True):
         assert after["seeds"] == 2 and after["per_seed"][0]["qa_em_validation"] == before["per_seed"][0]["qa_em_validation"]

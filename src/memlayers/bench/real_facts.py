@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from memlayers.config import to_dict
 from memlayers.data.airports import AirportFactsConfig, write_airport_facts
@@ -55,14 +56,15 @@ def train_from_cli(config_path: str, send: Callable[[Any], None]) -> dict[str, A
 
 def train_with_cli(runs: list[DemoRun], workers: int) -> list[dict[str, Any]]:
     """Write each run's config as ``OUT_DIR.yaml`` and train it with ``memlayers train`` in its own
-    process, ``workers`` at a time; their summaries in order."""
+    process, ``workers`` at a time, with a progress bar of runs; their summaries in order."""
     jobs = []
     for run in runs:
         path = Path(run.config.train.out_dir + ".yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
         jobs.append((f"{run.name} (seed {run.config.train.seed})", (str(path),)))
-    return run_all(train_from_cli, jobs, workers)
+    with tqdm(total=len(jobs), unit="run", desc="real facts", dynamic_ncols=True) as bar:
+        return run_all(train_from_cli, jobs, workers, on_message=lambda name, n: bar.update(n))
 
 
 def real_fact_runs(out_dir: Path, demo: DemoConfig, kinds: tuple[str, ...], facts: AirportFactsConfig) -> list[DemoRun]:

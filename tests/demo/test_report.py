@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from memlayers.demo.report import _learning_rate_line, plot, summary_lines
+from memlayers.demo.report import learning_rate_line, plot, summary_lines
 
 
 def _run(name: str, kind: str, slots: int, recall: float, extraction: float, spread: float = 0.0) -> dict:
@@ -47,8 +47,8 @@ def test_one_seed_gives_no_verdict_however_large_the_gap():
 
 
 def test_the_report_says_whether_the_learning_rates_were_tuned():
-    assert "**not tuned**" in _learning_rate_line({"lrs": {}})
-    tuned = _learning_rate_line({"lrs": {"memory": {"lr": 1e-3}, "dense": {"lr": 2e-3}}})
+    assert "**not tuned**" in learning_rate_line({"lrs": {}})
+    tuned = learning_rate_line({"lrs": {"memory": {"lr": 1e-3}, "dense": {"lr": 2e-3}}})
     assert "tuned for dense, memory" in tuned and "not tuned" not in tuned
 
 

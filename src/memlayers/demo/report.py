@@ -97,7 +97,7 @@ def _versus(memory: dict[str, Any], other: dict[str, Any], key: str) -> str:
     return f"{a.percent()} vs {b.percent()} ({times_text}; {compare(a, b)})"
 
 
-def _learning_rate_line(cfg: dict[str, Any]) -> str:
+def learning_rate_line(cfg: dict[str, Any]) -> str:
     """Where the learning rates came from: a tuned ``lrs`` block, or the untuned shared ``optim``."""
     tuned = sorted(cfg.get("lrs") or {})
     if tuned:
@@ -177,7 +177,7 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
         "- **Recall**: exact match on the questions of those seen people (trained on). **Extraction**: on the "
         "questions of the test people, whose facts appear only in their biographies; a disjoint validation split "
         "of unseen people is used for tuning only, never for what is reported.",
-        _learning_rate_line(cfg) + f" {results.get('seeds', 1)} training seed(s) per run, one fact world.",
+        learning_rate_line(cfg) + f" {results.get('seeds', 1)} training seed(s) per run, one fact world.",
         f"- Every run: {cfg['train']['steps']} steps of {cfg['train']['batch_size']} x {cfg['seq_len']} tokens, "
         f"AdamW, {cfg['train']['schedule']} schedule; documents re-packed in a fresh order every epoch (`data.repack`).",
         "- QA exact match: greedy answer after the question, normalised (case, punctuation, articles); "

@@ -33,7 +33,7 @@ from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo.report import write_report
 from memlayers.demo.stats import SCORES, aggregate
 from memlayers.demo.suite import DemoConfig, DemoRun, build_runs
-from memlayers.model.accounting import count_flops, count_parameters
+from memlayers.model.accounting import count_flops, size_fields
 from memlayers.procs import run_all
 from memlayers.train.checkpoint import CheckpointError, read_state, resolve_checkpoint
 from memlayers.train.config import DataConfig, RunConfig
@@ -113,10 +113,8 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     logged = [r for r in last if "tokens_per_s" in r]
     if not final or not logged:
         return None  # stopped between the final checkpoint and the final evaluation
-    params, flops = count_parameters(config.model), count_flops(config.model, config.data.seq_len)
     return {**final[-1], "step": config.train.steps, "checkpoint": str(checkpoint),
-            "tokens_per_s": logged[-1]["tokens_per_s"], "params": params.total, "memory_params": params.memory,
-            "active_params": params.active, "flops_per_token": flops.total}
+            "tokens_per_s": logged[-1]["tokens_per_s"], **size_fields(config.model, config.data.seq_len)}
 
 
 def _train_one(config: RunConfig, send: Callable[[int], None]) -> dict[str, Any]:

@@ -154,3 +154,11 @@ def count_flops(config: ModelConfig, seq_len: int | None = None) -> FlopCounts:
             if kind == "peer":
                 value_read += 2 * m.heads * m.knn * c.dim
     return FlopCounts(matmul=matmul, attention=attention, key_search=key_search, value_read=value_read)
+
+
+def size_fields(config: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """The sizes a run summary reports: ``params``, ``memory_params``, ``active_params`` and
+    ``flops_per_token`` (forward, for sequences of ``seq_len``)."""
+    params = count_parameters(config)
+    return {"params": params.total, "memory_params": params.memory, "active_params": params.active,
+            "flops_per_token": count_flops(config, seq_len).total}

@@ -49,7 +49,7 @@ from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
 from memlayers.faults import fault_point
 from memlayers.memory.layer import MemoryLayer
-from memlayers.model.accounting import count_flops, count_parameters
+from memlayers.model.accounting import size_fields
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import (
     Checkpoint,
@@ -466,12 +466,4 @@ class Trainer:
             summary["params"] = sum(p.numel() for p in params)
             summary["trained_params"] = sum(p.numel() for p in params if p.requires_grad)
             return summary
-        params = count_parameters(self.config.model)
-        flops = count_flops(self.config.model, self.config.data.seq_len)
-        return {
-            **summary,
-            "params": params.total,
-            "memory_params": params.memory,
-            "active_params": params.active,
-            "flops_per_token": flops.total,
-        }
+        return {**summary, **size_fields(self.config.model, self.config.data.seq_len)}

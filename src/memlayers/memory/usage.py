@@ -53,18 +53,22 @@ class UsageTracker:
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Coverage and KL-from-uniform over the current window."""
-        total = int(self.counts.sum())
-        if total == 0:
-            return {"coverage": 0.0, "kl_uniform": 0.0}
-        used = self.counts[self.counts > 0].double()
-        p = used / total
-        entropy = float(-(p * p.log()).sum())
         return {
-            "coverage": used.numel() / self.n_slots,
-            "kl_uniform": math.log(self.n_slots) - entropy,
+            "coverage": int((self.counts > 0).sum()) / self.n_slots,
+            "kl_uniform": kl_from_uniform(self.counts),
         }
 
     def reset(self) -> None:
         """Forget the window."""
         self.counts.zero_()
         self._batches.clear()
+
+
+def kl_from_uniform(counts: torch.Tensor) -> float:
+    """KL(p || uniform) in nats of the read distribution ``counts`` over its slots: 0 when
+    reads are spread evenly, ``log(n_slots)`` when one slot gets them all (0 for no reads)."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0].double() / total
+    return float((p * p.log()).sum()) + math.log(counts.numel())

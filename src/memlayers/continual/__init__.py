@@ -1,0 +1,1 @@
+"""Continual learning for memory models: slot statistics, sparse memory finetuning, memory patches."""

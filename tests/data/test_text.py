@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from memlayers.data import DataError, qa_prompt, qa_text, read_documents, read_qa, write_jsonl
+from memlayers.data import (
+    DataError,
+    iter_documents,
+    qa_prompt,
+    qa_text,
+    read_documents,
+    read_qa,
+    write_jsonl,
+)
 
 
 def write(path, text):
@@ -144,3 +152,15 @@ def test_read_qa_errors(tmp_path):
         line=3,
     )
     assert_error(read_qa, write(tmp_path / "d.jsonl", ok + "Q? A\n"), "not valid JSON", line=2)
+
+
+def test_documents_stream_one_at_a_time(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"text": "first"}\n{"text": "second"}\nnot json\n', encoding="utf-8")
+    documents = iter_documents(path)
+    assert next(documents) == "first" and next(documents) == "second"  # read before the bad line is reached
+    with pytest.raises(DataError, match=r"big.jsonl, line 3: not valid JSON"):
+        next(documents)
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"one\r\nline two\r\n\r\n\r\nthree\r\n")
+    assert list(iter_documents(text)) == ["one\nline two", "three"]

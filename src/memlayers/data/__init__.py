@@ -12,6 +12,7 @@ from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_do
 from memlayers.data.text import (
     QA_SEPARATOR,
     DataError,
+    iter_documents,
     qa_prompt,
     qa_text,
     read_documents,
@@ -32,6 +33,7 @@ __all__ = [
     "Person",
     "Tokenizer",
     "generate_world",
+    "iter_documents",
     "pack_documents",
     "qa_prompt",
     "qa_text",

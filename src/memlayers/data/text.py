@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ QA_SEPARATOR = "\nAnswer:"
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 """File types :func:`read_documents` reads."""
-
-_BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 class DataError(ValueError):
@@ -67,8 +65,8 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     return write_text_atomic(path, "".join(lines))
 
 
-def _read_text(path: Path, suffixes: tuple[str, ...], what: str) -> str:
-    """The UTF-8 contents of ``path``, after checking it is an existing file of a known type."""
+def _check_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
+    """Raise :class:`DataError` unless ``path`` is an existing file of a known type."""
     if not path.exists():
         raise DataError(f"{path}: file does not exist; pass the path of {what}")
     if path.is_dir():
@@ -78,21 +76,26 @@ def _read_text(path: Path, suffixes: tuple[str, ...], what: str) -> str:
         raise DataError(
             f"{path}: unsupported file type {path.suffix or '(none)'!r}; use a {kinds} file"
         )
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file (a leading BOM dropped, "\\r\\n" read as "\\n"), read
+    one line at a time."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}, line {line}: not valid UTF-8 text; save the file as UTF-8"
-        ) from None
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}, line {number}: not valid UTF-8 text; save the file as UTF-8") from None
+                yield number, line.replace("\r\n", "\n")  # Windows line ends read as "\n"
     except OSError as error:
         raise DataError(f"{path}: cannot be read ({error.strerror})") from None
 
 
-def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line of a JSON Lines file."""
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file, streamed."""
+    for number, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -106,8 +109,7 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
                 f"{path}, line {number}: expected a JSON object, got {type(record).__name__}; "
                 "write one object per line"
             )
-        records.append((number, record))
-    return records
+        yield number, record
 
 
 def _string_field(path: Path, number: int, record: dict[str, Any], field: str) -> str:
@@ -125,24 +127,37 @@ def _string_field(path: Path, number: int, record: dict[str, Any], field: str) -
     return value
 
 
-def read_documents(path: str | Path, field: str = "text") -> list[str]:
-    """The documents of a ``.txt`` or ``.jsonl`` file.
+def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
+    """The documents of a ``.txt`` or ``.jsonl`` file, read one at a time (memory independent
+    of the file's size).
 
     ``.txt``: documents are separated by one or more blank lines; each
     paragraph (inner newlines kept, outer whitespace stripped) is one document.
     ``.jsonl``: one JSON object per line whose string field ``field`` is a
     document; blank lines are skipped. Raises :class:`DataError` for a missing
-    file, a directory, another file type, a file with no documents, or a bad line.
+    file, a directory, another file type, or a bad line (when it is reached).
     """
     path = Path(path)
-    text = _read_text(path, TEXT_SUFFIXES, "a .txt or .jsonl file of training text")
-    if path.suffix.lower() == ".txt":
-        documents = [part.strip() for part in _BLANK_LINES.split(text)]
-        documents = [doc for doc in documents if doc]
-    else:
-        documents = [
-            _string_field(path, n, record, field) for n, record in _jsonl_records(path, text)
-        ]
+    _check_file(path, TEXT_SUFFIXES, "a .txt or .jsonl file of training text")
+    if path.suffix.lower() == ".jsonl":
+        for number, record in _jsonl_records(path):
+            yield _string_field(path, number, record, field)
+        return
+    paragraph: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph).strip()
+            paragraph = []
+    if paragraph:
+        yield "".join(paragraph).strip()
+
+
+def read_documents(path: str | Path, field: str = "text") -> list[str]:
+    """Every document of a ``.txt`` or ``.jsonl`` file (:func:`iter_documents`); also raises
+    :class:`DataError` for a file with no documents."""
+    documents = [doc for doc in iter_documents(path, field) if doc]
     if not documents:
         raise DataError(f"{path}: contains no documents; add text to the file")
     return documents
@@ -155,9 +170,9 @@ def read_qa(path: str | Path) -> list[dict[str, Any]]:
     :class:`DataError` in the same cases as :func:`read_documents`.
     """
     path = Path(path)
-    text = _read_text(path, (".jsonl",), 'a .jsonl file of {"question": ..., "answer": ...} lines')
+    _check_file(path, (".jsonl",), 'a .jsonl file of {"question": ..., "answer": ...} lines')
     records = []
-    for number, record in _jsonl_records(path, text):
+    for number, record in _jsonl_records(path):
         _string_field(path, number, record, "question")
         _string_field(path, number, record, "answer")
         records.append(record)

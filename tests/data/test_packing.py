@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memlayers.data import BatchIterator, DataError, pack_documents
+from memlayers.data.packing import iter_packed_rows
 
 BOS, EOS = 1000, 1001
 
@@ -141,3 +142,13 @@ def test_document_batches_repack_every_epoch_and_resume():
     resumed.load_state_dict(state)
     for (x, y), (rx, ry) in zip(after, [next(resumed) for _ in range(n_batches + 2)], strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 7])
+def test_streamed_rows_equal_the_packed_ones(seq_len):
+    generator = torch.Generator().manual_seed(seq_len)
+    docs = [torch.randint(3, 50, (int(n),), generator=generator).tolist()
+            for n in torch.randint(0, 12, (9,), generator=generator)]
+    packed = pack_documents(docs, seq_len, bos_id=1, eos_id=2)
+    streamed = torch.stack(list(iter_packed_rows(iter(docs), seq_len, bos_id=1, eos_id=2)))
+    assert torch.equal(streamed, packed)

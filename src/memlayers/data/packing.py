@@ -10,6 +10,7 @@ first is a target exactly once (up to the dropped final partial window).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -158,3 +159,23 @@ class DocumentBatchIterator(BatchIterator):
             self.rows = pack_documents([self.docs[i] for i in order], self.seq_len, self.bos_id, self.eos_id)
             self._rows_epoch = self._epoch
         return self.rows
+
+
+def iter_packed_rows(
+    docs: Iterable[list[int]], seq_len: int, bos_id: int | None, eos_id: int | None
+) -> Iterator[torch.Tensor]:
+    """The rows of :func:`pack_documents`, each ``(seq_len + 1,)``, made as the documents arrive:
+    memory is one row plus one document, whatever the data's size (the final partial window
+    is dropped, as there)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    head = array("q", [] if bos_id is None else [bos_id])
+    tail = array("q", [] if eos_id is None else [eos_id])
+    stream = array("q")
+    for ids in docs:
+        stream += head
+        stream.extend(ids)
+        stream += tail
+        while len(stream) >= seq_len + 1:
+            yield torch.tensor(stream[: seq_len + 1], dtype=torch.long)  # (L + 1,)
+            del stream[:seq_len]  # the row's last token starts the next one

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from memlayers.data.text import write_text_atomic  # noqa: E402
 from memlayers.demo.stats import compare, ratio, row_estimate  # noqa: E402
 
 ABLATIONS = Path(__file__).with_name("ablations.md")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 SETS = (("qa_em_extraction", "extraction: unseen questions (test split)"),
@@ -144,7 +138,7 @@ def learning_rates(row: dict[str, Any]) -> str:
 def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, overrides: list[str] = ()) -> None:
     """Write results.json, figure.png and report.md into ``out_dir``."""
     out_dir = Path(out_dir)
-    _write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     plot(results, out_dir / "figure.png")
     dense = next((r for r in results["runs"] if r["kind"] == "dense"), None)
     lines = [
@@ -194,4 +188,4 @@ def write_report(results: dict[str, Any], out_dir: Path, quick: bool = False, ov
     ]
     if ABLATIONS.is_file():
         lines += ["", ABLATIONS.read_text().strip()]
-    _write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n".join(lines) + "\n")

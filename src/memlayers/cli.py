@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | slot-stats | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(func=cmd_eval)
 
+    from memlayers.continual.cli import add_parsers as add_continual_parsers
+
+    add_continual_parsers(sub)
+
     gen = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     gen.add_argument("checkpoint")
     gen.add_argument("--prompt", required=True)
@@ -384,6 +388,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 def _run(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; a problem of the input is one line on stderr, exit 2."""
+    from memlayers.continual.slot_stats import SlotStatsError
     from memlayers.data.text import DataError
     from memlayers.distributed import PeerLostError
     from memlayers.train.checkpoint import CheckpointError
@@ -395,6 +400,7 @@ def _run(argv: list[str]) -> int:
         CheckpointError: "checkpoint error",
         TrainingError: "training stopped",
         PeerLostError: "distributed error",
+        SlotStatsError: "slot statistics error",
     }
     if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, options included
         args = argparse.Namespace(func=cmd_lm_eval, harness_args=argv[1:])

@@ -140,10 +140,11 @@ def memory_layout(model: nn.Module) -> dict[str, tuple[MemoryLayer, str]]:
     for name, module in model.named_modules():
         if isinstance(module, MemoryLayer):
             if id(module.pool.values) not in names:
-                raise ValueError(f"memory layer {name}'s value table is not a parameter of the model")
+                raise SlotStatsError(f"memory layer {name}'s value table is not a parameter of the model")
             layout[name] = (module, names[id(module.pool.values)])
     if not layout:
-        raise ValueError("the model has no memory layers: slot statistics need a memory model")
+        raise SlotStatsError("the model has no memory layers: slot statistics and memory finetuning need a memory "
+                             "model (train one with memory_layers set, or add them with `memlayers retrofit`)")
     return layout
 
 

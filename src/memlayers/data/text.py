@@ -135,10 +135,15 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     paragraph (inner newlines kept, outer whitespace stripped) is one document.
     ``.jsonl``: one JSON object per line whose string field ``field`` is a
     document; blank lines are skipped. Raises :class:`DataError` for a missing
-    file, a directory, another file type, or a bad line (when it is reached).
+    file, a directory or another file type at once, and for a bad line when it is reached.
     """
     path = Path(path)
-    _check_file(path, TEXT_SUFFIXES, "a .txt or .jsonl file of training text")
+    _check_file(path, TEXT_SUFFIXES, "a .txt or .jsonl file of text")
+    return _documents(path, field)
+
+
+def _documents(path: Path, field: str) -> Iterator[str]:
+    """The documents of :func:`iter_documents`, streamed."""
     if path.suffix.lower() == ".jsonl":
         for number, record in _jsonl_records(path):
             yield _string_field(path, number, record, field)

@@ -12,13 +12,14 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from memlayers.config import ConfigError, from_dict, load_config
+from memlayers.config import ConfigError, from_dict, load_config, to_dict
 from memlayers.data.tokenizer import Tokenizer
 from memlayers.demo import DemoConfig, build_runs, demo_config, run_demo
 from memlayers.demo.report import summary_lines
 from memlayers.demo.runner import finished_summary
 from memlayers.model.accounting import count_flops, count_parameters
 from memlayers.train.checkpoint import read_state
+from memlayers.train.checkpoint_write import write_state
 from memlayers.train.config import DataConfig, RunConfig
 
 KINDS = ["dense", "memory", "memory", "memory", "memory", "moe", "dense_big"]
@@ -289,6 +290,18 @@ def test_run_demo_end_to_end(tmp_path):
     shutil.copytree(dense_dir, moved)  # the same run in another directory still counts as finished
     elsewhere = finished_summary(dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(moved))))
     assert elsewhere["qa_em_extraction"] == back["qa_em_extraction"] and elsewhere["checkpoint"].startswith(str(moved))
+    # saved by an older memlayers, before a field with a default existed: still the same run;
+    # a saved config no memlayers accepts now (an unknown key): not
+    state_path = next((moved / "checkpoints").iterdir()) / "state.json"
+    state = json.loads(state_path.read_text())
+    default = to_dict(RunConfig())["train"]
+    older = next(key for key, value in state["config"]["train"].items() if key != "out_dir" and value == default[key])
+    del state["config"]["train"][older]
+    write_state(state_path.parent, state, 4)  # sealed with a fresh checksum, as written
+    assert finished_summary(dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(moved))))
+    state["config"]["train"]["no_such_field"] = 1
+    write_state(state_path.parent, state, 4)
+    assert finished_summary(dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(moved)))) is None
 
     # run again with a third seed, one run's final evaluation lost: the other 13 runs are read
     # back (not retrained), the interrupted one is moved aside and trained again, seed 2 is new

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from memlayers.config import load_config, to_dict
+from memlayers.config import ConfigError, from_dict, load_config, to_dict
 from memlayers.data.facts import generate_world, write_world
 from memlayers.data.text import read_documents
 from memlayers.data.tokenizer import Tokenizer
@@ -81,9 +81,14 @@ def _data_files(data: DataConfig) -> dict[str, str | None]:
             "tokenizer": data.tokenizer}
 
 
-def _placeless(config: dict[str, Any]) -> dict[str, Any]:
-    """A config as JSON sees it, without ``train.out_dir``: the same run moved elsewhere still matches."""
-    config = json.loads(json.dumps(config))
+def _placeless(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A run config as JSON sees it, with the defaults of fields added since it was saved filled
+    in (a newer memlayers still recognises its runs) and without ``train.out_dir`` (the same
+    run moved elsewhere still matches); None when it is no valid config now."""
+    try:
+        config = json.loads(json.dumps(to_dict(from_dict(RunConfig, config))))
+    except ConfigError:
+        return None
     config.get("train", {}).pop("out_dir", None)
     return config
 
@@ -98,7 +103,9 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
         state = read_state(checkpoint)
     except CheckpointError:
         return None
-    if state.get("step") != config.train.steps or _placeless(state.get("config") or {}) != _placeless(to_dict(config)):
+    if state.get("step") != config.train.steps or not isinstance(state.get("config"), dict):
+        return None
+    if _placeless(state["config"]) != _placeless(to_dict(config)):
         return None
     files, saved = _data_files(config.data), state.get("fingerprints") or {}
     if set(saved) != set(files) or any(path is not None and not Path(path).is_file() for path in files.values()):

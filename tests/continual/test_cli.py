@@ -15,8 +15,11 @@ import yaml
 from memlayers.bench.reliability import TINY_RUN
 from memlayers.cli import main
 from memlayers.continual.slot_report import collect_from_file
-from memlayers.continual.slot_stats import SlotStats
+from memlayers.continual.slot_stats import SlotStats, collect_slot_stats
+from memlayers.data.packing import pack_documents
+from memlayers.data.text import read_documents
 from memlayers.train.pretrained import load_pretrained
+from memlayers.train.run_dir import file_fingerprint
 
 
 def _train(directory: Path, *overrides: str) -> Path:
@@ -87,3 +90,24 @@ def test_missing_data_and_dense_models_are_one_line(memory_checkpoint, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("memlayers: slot statistics error:") and "no memory layers" in err and "\n" not in err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_training_ships_the_slot_statistics_of_its_data(tmp_path, capsys):
+    checkpoint = _train(tmp_path, "train.slot_stats_batches=3")
+    stats = SlotStats.load(checkpoint / "slot_stats.safetensors")
+    model, tokenizer, config = load_pretrained(checkpoint)  # the checkpoint still loads with the extra file
+    stats.check_model(model)
+    run_dir = checkpoint.parents[1]
+    rows = pack_documents(tokenizer.encode_batch(read_documents(run_dir / "data" / "train.jsonl")),
+                          config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    direct = collect_slot_stats(model, rows[:, :-1].split(config.train.batch_size)[:3], progress=False)
+    assert stats.n_batches == 3 and stats.n_tokens == direct.n_tokens
+    assert all(torch.equal(stats.reads[k], direct.reads[k]) for k in direct.reads)
+    assert stats.metadata["data_sha256"] == file_fingerprint(run_dir / "data" / "train.jsonl")
+    dense_dir = tmp_path / "dense"
+    dense_dir.mkdir()
+    (dense_dir / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    assert main(["train", str(dense_dir / "tiny.yaml"), f"train.out_dir={dense_dir / 'run'}",
+                 "model.memory_layers=[]", "train.slot_stats_batches=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.slot_stats_batches" in err and "need a memory model" in err and "\n" not in err

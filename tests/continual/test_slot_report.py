@@ -13,12 +13,12 @@ import torch
 
 from memlayers.continual.slot_report import (
     collect_from_file,
-    collect_slot_stats,
     diagnostics,
     plot_slot_stats,
     text_batches,
     tokens_reading,
 )
+from memlayers.continual.slot_stats import collect_slot_stats
 from memlayers.data.packing import pack_documents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

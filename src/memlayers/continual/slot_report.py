@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from memlayers.continual.slot_stats import SlotStats, SlotStatsCollector, memory_layout  # noqa: E402
+from memlayers.continual.slot_stats import SlotStats, collect_slot_stats, memory_layout  # noqa: E402
 from memlayers.data.packing import iter_packed_rows  # noqa: E402
-from memlayers.data.text import DataError, iter_documents  # noqa: E402
+from memlayers.data.text import iter_documents  # noqa: E402
 from memlayers.memory.usage import kl_from_uniform  # noqa: E402
 from memlayers.train.run_dir import file_fingerprint  # noqa: E402
 
@@ -45,25 +45,6 @@ def text_batches(path: str | Path, encode: Callable[[str], list[int]], bos_id: i
     rows = iter_packed_rows(documents(), seq_len, bos_id, eos_id)
     while batch := list(itertools.islice(rows, batch_size)):
         yield torch.stack(batch)[:, :-1]  # (B, L): the inputs of each row
-
-
-def collect_slot_stats(model: nn.Module, batches: Iterable[torch.Tensor], total: int | None = None,
-                       progress: bool = True, desc: str = "slot statistics") -> SlotStats:
-    """Run ``model`` over ``batches`` (each ``(B, L)`` token ids) without gradients and count its
-    memory's reads; each batch is one "document" of the document frequency."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), SlotStatsCollector(model) as collector:
-            for batch in tqdm(batches, total=total, unit="batch", desc=desc, disable=not progress, dynamic_ncols=True):
-                model(batch.to(device))
-                collector.end_batch(batch.numel())
-    finally:
-        model.train(was_training)
-    if collector.stats.n_batches == 0:
-        raise DataError("no full sequence of tokens to read: give more text or a smaller --seq-len")
-    return collector.stats
 
 
 def collect_from_file(model: nn.Module, path: str | Path, encode: Callable[[str], list[int]], bos_id: int | None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
+from memlayers.data.text import DataError
 from memlayers.memory.layer import MemoryLayer
 
 FORMAT = "memlayers.slot_stats/1"
@@ -207,3 +210,21 @@ class SlotStatsCollector:
         self.stats.n_batches += 1
         self.stats.n_tokens += int(tokens)
 
+
+def collect_slot_stats(model: nn.Module, batches: Iterable[torch.Tensor], total: int | None = None,
+                       progress: bool = True, desc: str = "slot statistics") -> SlotStats:
+    """Run ``model`` over ``batches`` (each ``(B, L)`` token ids) without gradients and count its
+    memory's reads; each batch is one "document" of the document frequency."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), SlotStatsCollector(model) as collector:
+            for batch in tqdm(batches, total=total, unit="batch", desc=desc, disable=not progress, dynamic_ncols=True):
+                model(batch.to(device))
+                collector.end_batch(batch.numel())
+    finally:
+        model.train(was_training)
+    if collector.stats.n_batches == 0:
+        raise DataError("no full sequence of tokens to read: give more text or a smaller --seq-len")
+    return collector.stats

@@ -91,11 +91,15 @@ class TrainConfig:
     keep_last: int = 2
     track_usage: bool = True
     """Log memory slot coverage and KL from uniform."""
+    slot_stats_batches: int = 0
+    """After training, read this many batches of the training text and write the memory's slot
+    statistics into the final checkpoint (``slot_stats.safetensors``: the background counts of
+    sparse memory finetuning, so the model ships with them); 0: none."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_qa", "eval_batches", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "eval_qa", "eval_batches", "checkpoint_every", "slot_stats_batches"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         check(self.threads is None or 1 <= self.threads <= 1024, "threads", f"must be in [1, 1024] or null, got {self.threads}")

@@ -181,6 +181,9 @@ class Trainer:
             torch.set_num_threads(tcfg.threads)
         random.seed(tcfg.seed)
         torch.manual_seed(tcfg.seed)
+        if tcfg.slot_stats_batches and model is None and not config.model.memory_layers:
+            raise ConfigError("train.slot_stats_batches", "slot statistics need a memory model; set "
+                              "model.memory_layers or leave train.slot_stats_batches at 0")
         self.rank, self.world = 0, 1
         if launched_by_torchrun():
             if model is not None:
@@ -211,6 +214,11 @@ class Trainer:
         self.config = config
         self.fingerprints = self._fingerprints(resume_from, saved)
         self.model = model.to(self.device)
+        if tcfg.slot_stats_batches and not list(self.model.memory_layers()):
+            raise ConfigError("train.slot_stats_batches", "slot statistics need a memory model")
+        if tcfg.slot_stats_batches and self.world > 1:
+            raise ConfigError("train.slot_stats_batches", "is for one-process runs; count a distributed run's "
+                              "reads from its checkpoint with `memlayers slot-stats`")
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
                 layer.table_grad = "rows"
@@ -416,6 +424,19 @@ class Trainer:
         load_sharded(path, self.model, self.optimizer, no_dist=self.world == 1)
         return Checkpoint(path=path, step=int(state["step"]), state=state)
 
+    def write_slot_stats(self, checkpoint: Path) -> Path:
+        """Count the memory's reads over the first ``train.slot_stats_batches`` batches of the
+        training text (in order) and write them as ``checkpoint/slot_stats.safetensors``."""
+        from memlayers.continual.slot_stats import collect_slot_stats
+
+        tcfg, tokenizer = self.config.train, self.data.tokenizer
+        rows = pack_documents(self.data.train_docs, self.config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+        batches = rows[:, :-1].split(tcfg.batch_size)[: tcfg.slot_stats_batches]  # (B, L) inputs each
+        stats = collect_slot_stats(self.model, batches, progress=False)
+        stats.metadata.update({"data": str(self.data.files["train"]), "data_sha256": self.fingerprints.get("train") or "",
+                               "seq_len": str(self.config.data.seq_len), "batch_size": str(tcfg.batch_size)})
+        return stats.save(checkpoint / "slot_stats.safetensors")
+
     def fit(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics and throughput.
 
@@ -455,6 +476,8 @@ class Trainer:
             final = self.evaluate(progress=progress)
         self.logger.log(self.step, final)
         self.logger.close()
+        if tcfg.slot_stats_batches:
+            self.write_slot_stats(Path(checkpoint))
         summary = {
             **final,
             "step": self.step,

@@ -170,6 +170,14 @@ def adam_update(
         adam_reference(table, exp_avg, exp_avg_sq, steps, *_rows(grad), lr, beta1, beta2, eps, weight_decay)
 
 
+def restrict_rows(grad: Grad, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad`` on the rows of ``keep`` (any order; rows it lacks are skipped) as ``(rows, grads)``:
+    the form that updates those rows and leaves every other row untouched."""
+    rows, grads = _rows(grad)
+    mask = torch.isin(rows, keep.to(rows.device))  # (U,)
+    return rows[mask], grads[mask]
+
+
 def dense_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense table gradient as ``(rows, grads)``: the rows with any nonzero entry."""
     rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)  # (U,)

@@ -86,11 +86,13 @@ class _RowOptimizer(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, only_rows: dict[int, torch.Tensor] | None = None):
         """Update the touched rows of every parameter that has a gradient.
 
-        A column-sharded table (a DTensor, under memory parallelism) is updated
-        through its local shard, with state of the shard's shape.
+        ``only_rows`` maps ``id(param)`` to the rows of that table that may change (sparse
+        memory finetuning): its other touched rows are skipped, state included. A
+        column-sharded table (a DTensor, under memory parallelism) is updated through its
+        local shard, with state of the shard's shape.
         """
         loss = None
         if closure is not None:
@@ -99,6 +101,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 grad = table_gradient(p)
+                if grad is not None and only_rows is not None and id(p) in only_rows:
+                    grad = row_update.restrict_rows(grad, only_rows[id(p)])
                 if grad is not None:
                     self._apply(group, p, grad)
         return loss

@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | slot-stats | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | slot-stats | learn | patch | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _qa_sets(specs: list[str]) -> dict[str, str]:
+def parse_qa_sets(specs: list[str]) -> dict[str, str]:
     """``--qa`` values as named QA files: ``NAME=FILE``, or a bare ``FILE`` named ``qa``."""
     from memlayers.train.config import QA_NAME
 
@@ -107,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.qa and args.text is None:
         raise ConfigError("", "give --qa FILE (or --qa NAME=FILE, repeatable) and/or --text FILE to evaluate")
-    qa_sets = _qa_sets(args.qa or [])
+    qa_sets = parse_qa_sets(args.qa or [])
     model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
     results: dict[str, float] = {}
     predictions: dict[str, list[dict]] = {}
@@ -388,6 +388,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 def _run(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; a problem of the input is one line on stderr, exit 2."""
+    from memlayers.continual.patch import PatchError
     from memlayers.continual.slot_stats import SlotStatsError
     from memlayers.data.text import DataError
     from memlayers.distributed import PeerLostError
@@ -401,6 +402,7 @@ def _run(argv: list[str]) -> int:
         TrainingError: "training stopped",
         PeerLostError: "distributed error",
         SlotStatsError: "slot statistics error",
+        PatchError: "patch error",
     }
     if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, options included
         args = argparse.Namespace(func=cmd_lm_eval, harness_args=argv[1:])

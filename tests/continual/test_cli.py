@@ -11,13 +11,15 @@ import matplotlib.image
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from memlayers.bench.reliability import TINY_RUN
 from memlayers.cli import main
 from memlayers.continual.slot_report import collect_from_file
 from memlayers.continual.slot_stats import SlotStats, collect_slot_stats
 from memlayers.data.packing import pack_documents
-from memlayers.data.text import read_documents
+from memlayers.data.text import qa_text, read_documents, write_jsonl
+from memlayers.train.checkpoint import resolve_checkpoint
 from memlayers.train.pretrained import load_pretrained
 from memlayers.train.run_dir import file_fingerprint
 
@@ -33,7 +35,8 @@ def _train(directory: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def memory_checkpoint(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("slots"))
+    """A tiny memory model that ships its slot statistics (4 batches of its training text)."""
+    return _train(tmp_path_factory.mktemp("slots"), "train.slot_stats_batches=4")
 
 
 def test_slot_stats_writes_what_the_library_counts(memory_checkpoint, tmp_path, capsys):
@@ -111,3 +114,84 @@ def test_training_ships_the_slot_statistics_of_its_data(tmp_path, capsys):
                  "model.memory_layers=[]", "train.slot_stats_batches=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.slot_stats_batches" in err and "need a memory model" in err and "\n" not in err
+
+
+def _new_facts(directory: Path) -> tuple[Path, Path]:
+    """New text (question/answer documents about people the model never saw) and its QA file."""
+    pairs = [{"question": f"Where was Zorblat {name} born?", "answer": city}
+             for name, city in (("Quen", "Paris"), ("Vix", "Lima"), ("Oru", "Oslo"), ("Taz", "Kyiv"))]
+    text = write_jsonl(directory / "new.jsonl", [{"text": qa_text(p["question"], p["answer"])} for p in pairs] * 4)
+    return text, write_jsonl(directory / "new_qa.jsonl", pairs)
+
+
+def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(resolve_checkpoint(checkpoint) / "model.safetensors")
+
+
+def test_learn_writes_a_patch_that_applies_and_reverts(memory_checkpoint, tmp_path, capsys):
+    text, qa = _new_facts(tmp_path)
+    out = tmp_path / "learned"
+    assert main(["learn", str(memory_checkpoint), "--data", str(text), "--out", str(out), "--eval", f"new={qa}",
+                 "--device", "cpu", "--json", "lr=30", "steps=16", "batch_size=2", "top_t=8"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "sparse" and summary["steps"] == 16 and 0 < summary["rows_changed"] <= 16 * 8
+    assert summary["after"]["new_answer_nll"] < summary["before"]["new_answer_nll"]
+    assert json.loads((out / "learn.json").read_text()) == summary
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 16 + 2  # losses, evaluations before/after
+    assert main(["patch", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sum(info["rows_changed"].values()) == summary["rows_changed"] and info["method"] == "sparse"
+    assert info["data_sha256"] == file_fingerprint(text) and info["bytes"] == summary["patch_bytes"]
+    checkpoint_bytes = (memory_checkpoint / "model.safetensors").stat().st_size
+    assert summary["patch_bytes"] < checkpoint_bytes / 10
+
+    base = _tensors(memory_checkpoint)
+    assert main(["patch", "apply", str(memory_checkpoint), str(out), "--out", str(tmp_path / "applied")]) == 0
+    applied = _tensors(tmp_path / "applied")
+    (table,) = info["rows_changed"]
+    changed = (applied[table] != base[table]).any(1).nonzero().squeeze(1)
+    assert changed.numel() == summary["rows_changed"]
+    assert all(torch.equal(applied[k], base[k]) for k in base if k != table)
+    assert main(["patch", "revert", str(tmp_path / "applied"), str(out), "--out", str(tmp_path / "reverted")]) == 0
+    reverted = _tensors(tmp_path / "reverted")
+    assert all(torch.equal(reverted[k], base[k]) for k in base)  # bit for bit
+    capsys.readouterr()
+    # applying twice meets a base it was not made on; merging a patch with itself conflicts everywhere
+    assert main(["patch", "apply", str(tmp_path / "applied"), str(out), "--out", str(tmp_path / "twice")]) == 2
+    assert "patch error: this patch was made on another base model" in capsys.readouterr().err
+    assert main(["patch", "merge", str(out), str(out), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed by both patches" in err and "\n" not in err
+    assert main(["patch", "merge", str(out), str(out), "--out", str(tmp_path / "merged"), "--policy", "first"]) == 0
+
+
+def test_learn_full_and_lora_write_what_they_trained(memory_checkpoint, tmp_path, capsys):
+    text, _ = _new_facts(tmp_path)
+    args = ["--data", str(text), "--device", "cpu", "--json", "steps=3", "batch_size=2"]
+    assert main(["learn", str(memory_checkpoint), "--method", "full", "--out", str(tmp_path / "full"), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model, _, _ = load_pretrained(summary["checkpoint"])  # a checkpoint like any other
+    base = _tensors(memory_checkpoint)
+    assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    pytest.importorskip("peft")
+    assert main(["learn", str(memory_checkpoint), "--method", "lora", "--out", str(tmp_path / "lora"), *args]) == 0
+    adapter = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert adapter and all("lora_" in k for k in adapter) and config["peft_type"] == "LORA" and config["r"] == 8
+
+
+def test_learn_errors_are_one_line(memory_checkpoint, tmp_path, capsys):
+    text, _ = _new_facts(tmp_path)
+    cases = [
+        (["--out", str(tmp_path / "a"), "top_t=0"], "top_t: must be >= 1"),
+        (["--out", str(tmp_path / "b"), "--background", str(tmp_path / "none.safetensors")], "slot-stats"),
+        (["--out", str(tmp_path / "c"), "no_such=1"], "no_such"),
+    ]
+    for extra, message in cases:
+        assert main(["learn", str(memory_checkpoint), "--data", str(text), "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("kept")
+    assert main(["learn", str(memory_checkpoint), "--data", str(text), "--out", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "kept"

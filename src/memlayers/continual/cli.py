@@ -1,4 +1,4 @@
-"""Command line of continual learning: ``memlayers slot-stats`` (and its diagnostics)."""
+"""Command line of continual learning: ``memlayers slot-stats``, ``memlayers learn``, ``memlayers patch``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,135 @@ def _render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _evaluator(model, tokenizer, config, qa: dict[str, str], heldout: str | None, limit: int):
+    """A function scoring ``model`` now: EM and answer NLL on each QA set, perplexity on held-out text."""
+    from memlayers.data.packing import pack_documents
+    from memlayers.data.text import read_documents, read_qa
+    from memlayers.eval.perplexity import evaluate_perplexity
+    from memlayers.eval.qa import evaluate_qa
+
+    sets = {name: read_qa(path)[: limit or None] for name, path in qa.items()}
+    rows = None
+    if heldout is not None:
+        rows = pack_documents(tokenizer.encode_batch(read_documents(heldout)), config.data.seq_len,
+                              tokenizer.bos_id, tokenizer.eos_id)[:256]
+
+    def evaluate() -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for name, pairs in sets.items():
+            result = evaluate_qa(model, tokenizer, pairs)
+            scores.update({f"{name}_em": result.exact_match, f"{name}_answer_nll": result.answer_nll})
+        if rows is not None:
+            scores["heldout_ppl"] = evaluate_perplexity(model, rows.to(next(model.parameters()).device))["perplexity"]
+        return scores
+
+    return evaluate
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Teach a checkpoint new text with one method; write a patch, adapters or a checkpoint."""
+    from safetensors.torch import save_file
+
+    from memlayers.cli import parse_qa_sets
+    from memlayers.config import ConfigError, load_config, to_dict
+    from memlayers.continual.learn import LearnConfig, learn
+    from memlayers.continual.slot_stats import SlotStats, SlotStatsError
+    from memlayers.data.packing import pack_documents
+    from memlayers.data.text import read_documents, write_text_atomic
+    from memlayers.device import pick_device
+    from memlayers.train.checkpoint import resolve_checkpoint, save_checkpoint
+    from memlayers.train.pretrained import load_pretrained
+    from memlayers.train.run_dir import file_fingerprint
+
+    config = load_config(LearnConfig, args.config, [*(["method=" + args.method] if args.method else []), *args.overrides])
+    qa = parse_qa_sets(args.eval or [])
+    documents = read_documents(args.data)  # a bad file is named before the model loads
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError("--out", f"{out} is not empty; choose a new directory or pass --overwrite")
+    checkpoint = resolve_checkpoint(args.model)
+    model, tokenizer, run = load_pretrained(checkpoint, pick_device(args.device, "--device"))
+    background = None
+    if config.method == "sparse":
+        path = Path(args.background) if args.background else checkpoint / "slot_stats.safetensors"
+        if not path.is_file():
+            raise SlotStatsError(f"sparse memory finetuning needs background slot statistics; {path} is missing: "
+                                 f"write them with `memlayers slot-stats {args.model} --data BACKGROUND --out {path}` "
+                                 "(or train with train.slot_stats_batches) and pass --background")
+        background = SlotStats.load(path)
+    seq_len = config.seq_len or run.data.seq_len
+    rows = pack_documents(tokenizer.encode_batch(documents), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    evaluate = _evaluator(model, tokenizer, run, qa, args.heldout, args.limit) if (qa or args.heldout) else None
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "metrics.jsonl").open("w") as log:
+        result = learn(model, rows, config, background, evaluate, progress=not args.json,
+                       log=lambda record: log.write(json.dumps(record) + "\n"))
+    summary = {"method": config.method, "steps": result["steps"], "seconds": result["seconds"], "loss": result["loss"],
+               "before": result["before"], "after": result["after"], "config": to_dict(config),
+               "model": str(checkpoint), "data": str(args.data), "data_sha256": file_fingerprint(args.data)}
+    if "patch" in result:
+        patch = result["patch"]
+        patch.info.update(model=str(checkpoint), data=str(args.data), data_sha256=summary["data_sha256"])
+        patch.save(out)
+        summary.update(rows_changed=patch.n_rows, patch_bytes=patch.nbytes)
+    elif "adapter" in result:
+        save_file({k: v.contiguous() for k, v in result["adapter"].items()}, out / "adapter_model.safetensors")
+        adapter = {"peft_type": "LORA", "r": config.lora_rank, "lora_alpha": config.lora_alpha,
+                   "target_modules": sorted({k.split(".lora_")[0] for k in result["adapter"]})}
+        write_text_atomic(out / "adapter_config.json", json.dumps(adapter, indent=2) + "\n")
+    else:
+        summary["checkpoint"] = str(save_checkpoint(out, result["steps"], model, None, {"config": to_dict(run)},
+                                                    tokenizer_path=checkpoint / "tokenizer.json"))
+    write_text_atomic(out / "learn.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2) if args.json else _render_learn(summary))
+    return 0
+
+
+def _render_learn(summary: dict[str, Any]) -> str:
+    """What was learned, before and after, in a few lines."""
+    lines = [f"{summary['method']}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss {summary['loss']:.4f}"]
+    for key in summary["after"]:
+        lines.append(f"  {key:<24} {summary['before'].get(key, float('nan')):.4f} -> {summary['after'][key]:.4f}")
+    if "rows_changed" in summary:
+        lines.append(f"  patch: {summary['rows_changed']:,} rows, {summary['patch_bytes']:,} bytes")
+    return "\n".join(lines)
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    """info | apply | revert | merge of memory patches."""
+    from memlayers.continual.patch import MemoryPatch, merge
+
+    if args.action == "info":
+        patch = MemoryPatch.load(args.patch)
+        info = {"rows_changed": {t: r.numel() for t, r in patch.rows.items()}, "bytes": patch.nbytes,
+                "rows": {t: r.tolist()[: args.rows] for t, r in patch.rows.items()}, **patch.info}
+        print(json.dumps(info, indent=2))
+        return 0
+    if args.action == "merge":
+        merged = merge(MemoryPatch.load(args.first), MemoryPatch.load(args.second), args.policy)
+        merged.save(args.out)
+        print(f"merged patch: {merged.n_rows:,} rows, {merged.nbytes:,} bytes -> {args.out}")
+        return 0
+    return _patch_model(args)
+
+
+def _patch_model(args: argparse.Namespace) -> int:
+    """apply / revert a patch to a checkpoint, writing the result as a new checkpoint."""
+    from memlayers.config import to_dict
+    from memlayers.continual.patch import MemoryPatch
+    from memlayers.train.checkpoint import read_state, resolve_checkpoint, save_checkpoint
+    from memlayers.train.pretrained import load_pretrained
+
+    patch = MemoryPatch.load(args.patch)
+    checkpoint = resolve_checkpoint(args.model)
+    model, _, run = load_pretrained(checkpoint)
+    (patch.apply if args.action == "apply" else patch.revert)(model)
+    saved = save_checkpoint(args.out, int(read_state(checkpoint)["step"]), model, None, {"config": to_dict(run)},
+                            tokenizer_path=checkpoint / "tokenizer.json")
+    print(f"{'applied' if args.action == 'apply' else 'reverted'} {patch.n_rows:,} rows -> {saved}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the continual-learning commands to the ``memlayers`` command line."""
     stats = sub.add_parser("slot-stats", help="count which memory slots a model reads over background text "
@@ -88,3 +217,40 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     stats.add_argument("--device", default="auto")
     stats.add_argument("--json", action="store_true", help="print the diagnostics as JSON (no progress bar)")
     stats.set_defaults(func=cmd_slot_stats)
+
+    learn_parser = sub.add_parser("learn", help="teach a model new text: sparse memory finetuning, value, full or "
+                                  "LoRA finetuning; writes a memory patch (sparse, values), adapters or a checkpoint")
+    learn_parser.add_argument("model", help="a memlayers checkpoint directory, or a run directory (its latest)")
+    learn_parser.add_argument("--data", required=True, help="the new text (.txt or .jsonl)")
+    learn_parser.add_argument("--out", required=True, help="output directory (patch, adapters or checkpoint, learn.json)")
+    learn_parser.add_argument("--method", choices=("sparse", "values", "full", "lora"), help="default: sparse")
+    learn_parser.add_argument("--config", help="a YAML file of learn settings (see LearnConfig)")
+    learn_parser.add_argument("--background", help="slot statistics for sparse (default: MODEL/slot_stats.safetensors)")
+    learn_parser.add_argument("--eval", action="append", metavar="NAME=FILE",
+                              help="QA set to score before, during and after, e.g. --eval new=b.jsonl --eval old=a.jsonl")
+    learn_parser.add_argument("--heldout", help="held-out text (.txt/.jsonl) whose perplexity is scored too")
+    learn_parser.add_argument("--limit", type=int, default=0, help="first N pairs of each QA set (0: all)")
+    learn_parser.add_argument("--device", default="auto")
+    learn_parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    learn_parser.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    learn_parser.add_argument("overrides", nargs="*", help="learn settings, e.g. top_t=100 lr=5 steps=200")
+    learn_parser.set_defaults(func=cmd_learn)
+
+    patch = sub.add_parser("patch", help="inspect, apply, revert or merge memory patches")
+    actions = patch.add_subparsers(dest="action", required=True)
+    info = actions.add_parser("info", help="rows, bytes and provenance of a patch")
+    info.add_argument("patch")
+    info.add_argument("--rows", type=int, default=20, help="row ids to list per table (default 20)")
+    for name, text in (("apply", "write a patch's rows into a checkpoint"),
+                       ("revert", "restore the rows a patch changed (bit for bit)")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("model", help="a memlayers checkpoint directory or run directory")
+        action.add_argument("patch", help="a patch directory (patch.safetensors + patch.json)")
+        action.add_argument("--out", required=True, help="run directory of the resulting checkpoint")
+    combine = actions.add_parser("merge", help="one patch with the changes of two")
+    combine.add_argument("first")
+    combine.add_argument("second")
+    combine.add_argument("--out", required=True)
+    combine.add_argument("--policy", default="error", choices=("error", "first", "second", "add"),
+                         help="rows both patches changed: refuse (default), keep first's or second's, or add both changes")
+    patch.set_defaults(func=cmd_patch)

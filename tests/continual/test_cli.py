@@ -142,6 +142,12 @@ def test_learn_writes_a_patch_that_applies_and_reverts(memory_checkpoint, tmp_pa
     info = json.loads(capsys.readouterr().out)
     assert sum(info["rows_changed"].values()) == summary["rows_changed"] and info["method"] == "sparse"
     assert info["data_sha256"] == file_fingerprint(text) and info["bytes"] == summary["patch_bytes"]
+    (listed,) = info["rows"].values()
+    documents = read_documents(text)
+    assert 0 < len(listed) <= 20 and all(entry["read_most_by"] for entry in listed)  # every learned row was read
+    for entry in listed:
+        reads = [r["reads"] for r in entry["read_most_by"]]
+        assert reads == sorted(reads, reverse=True) and all(r["example"] in documents for r in entry["read_most_by"])
     checkpoint_bytes = (memory_checkpoint / "model.safetensors").stat().st_size
     assert summary["patch_bytes"] < checkpoint_bytes / 10
 

@@ -17,8 +17,9 @@ from memlayers.continual.slot_report import (
     plot_slot_stats,
     text_batches,
     tokens_reading,
+    top_readers,
 )
-from memlayers.continual.slot_stats import collect_slot_stats
+from memlayers.continual.slot_stats import collect_slot_stats, memory_layout
 from memlayers.data.packing import pack_documents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,3 +97,28 @@ def test_plot_has_a_panel_per_layer(tmp_path):
     image = matplotlib.image.imread(plot_slot_stats(stats, tmp_path / "slots.png"))
     assert image.shape[1] > 1.8 * image.shape[0]  # two layers side by side
     assert image[..., :3].std() > 0.05
+
+
+def test_top_readers_equal_a_hand_count():
+    model = _model()
+    generator = torch.Generator().manual_seed(4)
+    documents = [torch.randint(0, 37, (int(n),), generator=generator).tolist() for n in (5, 9, 3, 12, 7)]
+    stats = collect_slot_stats(model, [torch.tensor([d[:10]]) for d in documents], progress=False)
+    (table,) = stats.batches
+    rows = stats.batches[table].topk(3).indices
+    found = top_readers(model, documents, {table: rows}, seq_len=10, top=2)[table]
+    layer_searches = [layer.search for layer, _ in memory_layout(model).values()]
+    seen: list[torch.Tensor] = []
+    handles = [s.register_forward_hook(lambda m, i, out: seen.append(out[1])) for s in layer_searches]
+    for row in rows.tolist():
+        hand = []
+        for index, ids in enumerate(documents):
+            seen.clear()
+            with torch.no_grad():
+                model(torch.tensor([ids[:10]]))
+            count = sum(int((indices == row).sum()) for indices in seen)
+            if count:
+                hand.append((index, count))
+        assert found[row] == sorted(hand, key=lambda x: (-x[1], x[0]))[:2] and found[row]
+    for handle in handles:
+        handle.remove()

@@ -102,6 +102,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from memlayers.cli import parse_qa_sets
     from memlayers.config import ConfigError, load_config, to_dict
     from memlayers.continual.learn import LearnConfig, learn
+    from memlayers.continual.slot_report import top_readers
     from memlayers.continual.slot_stats import SlotStats, SlotStatsError
     from memlayers.data.packing import pack_documents
     from memlayers.data.text import read_documents, write_text_atomic
@@ -139,6 +140,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if "patch" in result:
         patch = result["patch"]
         patch.info.update(model=str(checkpoint), data=str(args.data), data_sha256=summary["data_sha256"])
+        readers = top_readers(model, tokenizer.encode_batch(documents), patch.rows, seq_len)
+        patch.info["readers"] = {table: {str(row): [[doc, n] for doc, n in found] for row, found in by_row.items()}
+                                 for table, by_row in readers.items()}
+        used = sorted({doc for by_row in readers.values() for found in by_row.values() for doc, _ in found})
+        patch.info["examples"] = {str(doc): documents[doc][:200] for doc in used}
         patch.save(out)
         summary.update(rows_changed=patch.n_rows, patch_bytes=patch.nbytes)
     elif "adapter" in result:
@@ -170,8 +176,13 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
     if args.action == "info":
         patch = MemoryPatch.load(args.patch)
+        details = {k: v for k, v in patch.info.items() if k not in ("readers", "examples")}
+        readers, examples = patch.info.get("readers", {}), patch.info.get("examples", {})
+        rows = {table: [{"row": row, "read_most_by": [{"example": examples.get(str(doc), doc), "reads": n}
+                                                      for doc, n in readers.get(table, {}).get(str(row), [])]}
+                        for row in r.tolist()[: args.rows]] for table, r in patch.rows.items()}
         info = {"rows_changed": {t: r.numel() for t, r in patch.rows.items()}, "bytes": patch.nbytes,
-                "rows": {t: r.tolist()[: args.rows] for t, r in patch.rows.items()}, **patch.info}
+                **details, "rows": rows}
         print(json.dumps(info, indent=2))
         return 0
     if args.action == "merge":
@@ -240,7 +251,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     actions = patch.add_subparsers(dest="action", required=True)
     info = actions.add_parser("info", help="rows, bytes and provenance of a patch")
     info.add_argument("patch")
-    info.add_argument("--rows", type=int, default=20, help="row ids to list per table (default 20)")
+    info.add_argument("--rows", type=int, default=20,
+                      help="rows to list per table, each with the training examples that read it most (default 20)")
     for name, text in (("apply", "write a patch's rows into a checkpoint"),
                        ("revert", "restore the rows a patch changed (bit for bit)")):
         action = actions.add_parser(name, help=text)

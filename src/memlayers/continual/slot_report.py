@@ -142,3 +142,37 @@ def plot_slot_stats(stats: SlotStats, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def top_readers(model: nn.Module, documents: list[list[int]], rows: dict[str, torch.Tensor], seq_len: int,
+                top: int = 3) -> dict[str, dict[int, list[tuple[int, int]]]]:
+    """For each value table's ``rows``, the ``top`` documents (by index) whose tokens read the row
+    most, with their read counts: which examples a learned row came from. Each document is read
+    alone, cut to ``seq_len`` tokens."""
+    layout = memory_layout(model)
+    wanted = {table: set(r.tolist()) for table, r in rows.items()}
+    reads: dict[str, dict[int, list[tuple[int, int]]]] = {table: {} for table in rows}
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [layer.search.register_forward_hook(lambda m, i, out, table=table: seen.append((table, out[1])))
+             for layer, table in layout.values() if table in rows]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for index, ids in enumerate(documents):
+                if not ids:
+                    continue
+                seen.clear()
+                model(torch.tensor([ids[:seq_len]], device=device))
+                counts: dict[tuple[str, int], int] = Counter()
+                for table, indices in seen:
+                    slots, n = indices.reshape(-1).unique(return_counts=True)
+                    for slot, count in zip(slots.tolist(), n.tolist(), strict=True):
+                        if slot in wanted[table]:
+                            counts[table, slot] += count
+                for (table, slot), count in counts.items():
+                    reads[table].setdefault(slot, []).append((index, count))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {table: {slot: sorted(found, key=lambda x: (-x[1], x[0]))[:top] for slot, found in by_slot.items()}
+            for table, by_slot in reads.items()}

@@ -12,6 +12,7 @@ from typing import Any
 def cmd_slot_stats(args: argparse.Namespace) -> int:
     """Count the memory reads of a model over background text; write them, report and plot them."""
     from memlayers.config import ConfigError
+    from memlayers.continual.models import load_model
     from memlayers.continual.slot_report import (
         collect_from_file,
         diagnostics,
@@ -22,7 +23,6 @@ def cmd_slot_stats(args: argparse.Namespace) -> int:
     from memlayers.continual.slot_stats import memory_layout
     from memlayers.data.text import iter_documents
     from memlayers.device import pick_device
-    from memlayers.train.pretrained import load_pretrained
 
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--top", args.top)):
         if value is not None and value < 1:
@@ -30,9 +30,10 @@ def cmd_slot_stats(args: argparse.Namespace) -> int:
     if args.batches is not None and args.batches < 1:
         raise ConfigError("--batches", f"must be >= 1 (or left out for the whole file), got {args.batches}")
     iter_documents(args.data)  # a missing or wrong file is named before the model loads
-    model, tokenizer, config = load_pretrained(args.model, pick_device(args.device, "--device"))
+    loaded = load_model(args.model, pick_device(args.device, "--device"))
+    model, tokenizer = loaded.model, loaded.tokenizer
     memory_layout(model)  # a model without memory is named before any data is read
-    seq_len = args.seq_len or config.data.seq_len
+    seq_len = args.seq_len or loaded.seq_len
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text)
@@ -70,7 +71,7 @@ def _render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _evaluator(model, tokenizer, config, qa: dict[str, str], heldout: str | None, limit: int):
+def _evaluator(model, tokenizer, seq_len: int, qa: dict[str, str], heldout: str | None, limit: int):
     """A function scoring ``model`` now: EM and answer NLL on each QA set, perplexity on held-out text."""
     from memlayers.data.packing import pack_documents
     from memlayers.data.text import read_documents, read_qa
@@ -80,7 +81,7 @@ def _evaluator(model, tokenizer, config, qa: dict[str, str], heldout: str | None
     sets = {name: read_qa(path)[: limit or None] for name, path in qa.items()}
     rows = None
     if heldout is not None:
-        rows = pack_documents(tokenizer.encode_batch(read_documents(heldout)), config.data.seq_len,
+        rows = pack_documents(tokenizer.encode_batch(read_documents(heldout)), seq_len,
                               tokenizer.bos_id, tokenizer.eos_id)[:256]
 
     def evaluate() -> dict[str, float]:
@@ -102,13 +103,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from memlayers.cli import parse_qa_sets
     from memlayers.config import ConfigError, load_config, to_dict
     from memlayers.continual.learn import LearnConfig, learn
+    from memlayers.continual.models import load_model
     from memlayers.continual.slot_report import top_readers
     from memlayers.continual.slot_stats import SlotStats, SlotStatsError
     from memlayers.data.packing import pack_documents
     from memlayers.data.text import read_documents, write_text_atomic
     from memlayers.device import pick_device
-    from memlayers.train.checkpoint import resolve_checkpoint, save_checkpoint
-    from memlayers.train.pretrained import load_pretrained
     from memlayers.train.run_dir import file_fingerprint
 
     config = load_config(LearnConfig, args.config, [*(["method=" + args.method] if args.method else []), *args.overrides])
@@ -117,8 +117,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError("--out", f"{out} is not empty; choose a new directory or pass --overwrite")
-    checkpoint = resolve_checkpoint(args.model)
-    model, tokenizer, run = load_pretrained(checkpoint, pick_device(args.device, "--device"))
+    loaded = load_model(args.model, pick_device(args.device, "--device"))
+    model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.path
     background = None
     if config.method == "sparse":
         path = Path(args.background) if args.background else checkpoint / "slot_stats.safetensors"
@@ -127,9 +127,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
                                  f"write them with `memlayers slot-stats {args.model} --data BACKGROUND --out {path}` "
                                  "(or train with train.slot_stats_batches) and pass --background")
         background = SlotStats.load(path)
-    seq_len = config.seq_len or run.data.seq_len
+    seq_len = config.seq_len or loaded.seq_len
     rows = pack_documents(tokenizer.encode_batch(documents), seq_len, tokenizer.bos_id, tokenizer.eos_id)
-    evaluate = _evaluator(model, tokenizer, run, qa, args.heldout, args.limit) if (qa or args.heldout) else None
+    evaluate = _evaluator(model, tokenizer, seq_len, qa, args.heldout, args.limit) if (qa or args.heldout) else None
     out.mkdir(parents=True, exist_ok=True)
     with (out / "metrics.jsonl").open("w") as log:
         result = learn(model, rows, config, background, evaluate, progress=not args.json,
@@ -153,8 +153,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
                    "target_modules": sorted({k.split(".lora_")[0] for k in result["adapter"]})}
         write_text_atomic(out / "adapter_config.json", json.dumps(adapter, indent=2) + "\n")
     else:
-        summary["checkpoint"] = str(save_checkpoint(out, result["steps"], model, None, {"config": to_dict(run)},
-                                                    tokenizer_path=checkpoint / "tokenizer.json"))
+        summary["checkpoint"] = str(loaded.save(out / "model" if loaded.is_transformers else out, result["steps"]))
     write_text_atomic(out / "learn.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2) if args.json else _render_learn(summary))
     return 0
@@ -194,18 +193,14 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _patch_model(args: argparse.Namespace) -> int:
-    """apply / revert a patch to a checkpoint, writing the result as a new checkpoint."""
-    from memlayers.config import to_dict
+    """apply / revert a patch to a model, writing the result as the model was (checkpoint or transformers)."""
+    from memlayers.continual.models import load_model
     from memlayers.continual.patch import MemoryPatch
-    from memlayers.train.checkpoint import read_state, resolve_checkpoint, save_checkpoint
-    from memlayers.train.pretrained import load_pretrained
 
     patch = MemoryPatch.load(args.patch)
-    checkpoint = resolve_checkpoint(args.model)
-    model, _, run = load_pretrained(checkpoint)
-    (patch.apply if args.action == "apply" else patch.revert)(model)
-    saved = save_checkpoint(args.out, int(read_state(checkpoint)["step"]), model, None, {"config": to_dict(run)},
-                            tokenizer_path=checkpoint / "tokenizer.json")
+    loaded = load_model(args.model)
+    (patch.apply if args.action == "apply" else patch.revert)(loaded.model)
+    saved = loaded.save(args.out)
     print(f"{'applied' if args.action == 'apply' else 'reverted'} {patch.n_rows:,} rows -> {saved}")
     return 0
 
@@ -214,7 +209,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the continual-learning commands to the ``memlayers`` command line."""
     stats = sub.add_parser("slot-stats", help="count which memory slots a model reads over background text "
                            "(for sparse memory finetuning), report dead slots and skew, plot them")
-    stats.add_argument("model", help="a memlayers checkpoint directory, or a run directory (its latest)")
+    stats.add_argument("model", help="a memlayers checkpoint or run directory, or a transformers directory "
+                       "(a model retrofitted with memory)")
     stats.add_argument("--data", required=True, help="background text (.txt or .jsonl), streamed")
     stats.add_argument("--out", required=True, help="where to write the statistics (.safetensors)")
     stats.add_argument("--batches", type=int, help="read at most this many batches (default: the whole file)")
@@ -231,7 +227,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     learn_parser = sub.add_parser("learn", help="teach a model new text: sparse memory finetuning, value, full or "
                                   "LoRA finetuning; writes a memory patch (sparse, values), adapters or a checkpoint")
-    learn_parser.add_argument("model", help="a memlayers checkpoint directory, or a run directory (its latest)")
+    learn_parser.add_argument("model", help="a memlayers checkpoint or run directory, or a transformers directory "
+                              "(a model retrofitted with memory)")
     learn_parser.add_argument("--data", required=True, help="the new text (.txt or .jsonl)")
     learn_parser.add_argument("--out", required=True, help="output directory (patch, adapters or checkpoint, learn.json)")
     learn_parser.add_argument("--method", choices=("sparse", "values", "full", "lora"), help="default: sparse")
@@ -256,9 +253,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for name, text in (("apply", "write a patch's rows into a checkpoint"),
                        ("revert", "restore the rows a patch changed (bit for bit)")):
         action = actions.add_parser(name, help=text)
-        action.add_argument("model", help="a memlayers checkpoint directory or run directory")
+        action.add_argument("model", help="a memlayers checkpoint or run directory, or a transformers directory")
         action.add_argument("patch", help="a patch directory (patch.safetensors + patch.json)")
-        action.add_argument("--out", required=True, help="run directory of the resulting checkpoint")
+        action.add_argument("--out", required=True,
+                            help="where the result goes: a run directory (memlayers) or a transformers directory")
     combine = actions.add_parser("merge", help="one patch with the changes of two")
     combine.add_argument("first")
     combine.add_argument("second")

@@ -107,8 +107,9 @@ def _lora_targets(model: nn.Module) -> list[str]:
     """Names of the attention and dense FFN projections: every ``nn.Linear`` outside the memory
     layers, but the output head."""
     memory = tuple(name + "." for name in _memory_layers(model))
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name != "output" and not name.startswith(memory)]
+    heads = ("output", "lm_head")  # memlayers' and transformers' output heads
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.rsplit(".", 1)[-1] not in heads and not name.startswith(memory)]
 
 
 def _optimizer(config: LearnConfig, params: list[nn.Parameter], row_sparse: bool) -> torch.optim.Optimizer:

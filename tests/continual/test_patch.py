@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memlayers.continual.patch import MemoryPatch, PatchError, merge, patched, table_fingerprint
-from memlayers.continual.slot_stats import collect_slot_stats, memory_layout
-from memlayers.continual.sparse import TfidfSelector, sparse_step, value_tables
+from memlayers.continual.slot_stats import collect_slot_stats
+from memlayers.continual.sparse import TfidfSelector, sparse_step, train_values_only
 from memlayers.train.row_optim import RowSGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,15 +21,9 @@ def _learned(model, seed: int, top_t: int = 4) -> MemoryPatch:
     """Copy the tables, run two sparse steps on batches of ``seed``, return the patch; the model
     is left at its base again."""
     background = collect_slot_stats(model, _batches(6, seed=2), progress=False)
-    tables = value_tables(model)
-    before = {name: t.detach().clone() for name, t in tables.items()}
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in tables.values():
-        p.requires_grad_(True)
-    for layer, _ in memory_layout(model).values():
-        layer.table_grad = "rows"
+    tables = train_values_only(model)
+    before = {name: t.detach().clone() for name, t in tables.items()}
     optimizer = RowSGD(list(tables.values()), lr=0.5)
     selector = TfidfSelector(model, background, top_t)
     for batch in _batches(2, seed=seed):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memlayers.continual.slot_stats import collect_slot_stats, memory_layout
-from memlayers.continual.sparse import TfidfSelector, sparse_step, value_tables
+from memlayers.continual.sparse import TfidfSelector, sparse_step, train_values_only
 from memlayers.train.row_optim import RowAdamW, RowSGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,13 +66,7 @@ def test_tfidf_ranking_equals_a_hand_computation(shared):
 def test_a_step_changes_only_the_chosen_rows(optimizer):
     model = _model().train()
     background = collect_slot_stats(model, _batches(6, seed=2), progress=False)
-    tables = value_tables(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in tables.values():
-        p.requires_grad_(True)
-    for layer, _ in memory_layout(model).values():
-        layer.table_grad = "rows"
+    tables = train_values_only(model)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     (batch,) = _batches(1, seed=5)
     loss, chosen = sparse_step(model, TfidfSelector(model, background, top_t=4),

@@ -86,6 +86,18 @@ def value_tables(model: nn.Module) -> dict[str, nn.Parameter]:
     return {table: params[table] for _, table in memory_layout(model).values()}
 
 
+def train_values_only(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze every parameter but the value tables, whose layers then leave row gradients
+    (``table_grad="rows"``, what the row-sparse optimizers read); returns the tables."""
+    tables = value_tables(model)
+    keep = {id(p) for p in tables.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    for layer, _ in memory_layout(model).values():
+        layer.table_grad = "rows"
+    return tables
+
+
 def sparse_step(model: nn.Module, selector: TfidfSelector, optimizer: torch.optim.Optimizer,
                 inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     """One step of sparse memory finetuning on ``(inputs, targets)`` ``(B, L)``.

@@ -25,15 +25,10 @@ def pack_documents(
     ``bos_id`` / ``eos_id`` frame each document when not None. Raises
     :class:`DataError` if the stream is shorter than ``seq_len + 1`` tokens.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    head = array("q", [] if bos_id is None else [bos_id])
-    tail = array("q", [] if eos_id is None else [eos_id])
+    _check_seq_len(seq_len)
     stream = array("q")
-    for ids in docs:
-        stream += head
-        stream.extend(ids)
-        stream += tail
+    for framed in _framed(docs, bos_id, eos_id):
+        stream += framed
     n_tokens = len(stream)
     if n_tokens < seq_len + 1:
         raise DataError(
@@ -167,15 +162,26 @@ def iter_packed_rows(
     """The rows of :func:`pack_documents`, each ``(seq_len + 1,)``, made as the documents arrive:
     memory is one row plus one document, whatever the data's size (the final partial window
     is dropped, as there)."""
+    _check_seq_len(seq_len)
+    stream, start = array("q"), 0  # rows are cut from stream[start:]
+    for framed in _framed(docs, bos_id, eos_id):
+        stream += framed
+        while len(stream) - start >= seq_len + 1:
+            yield torch.tensor(stream[start : start + seq_len + 1], dtype=torch.long)  # (L + 1,)
+            start += seq_len  # the row's last token starts the next one
+        if start > len(stream) // 2:  # drop what was cut, amortised O(1) per token
+            del stream[:start]
+            start = 0
+
+
+def _check_seq_len(seq_len: int) -> None:
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+
+
+def _framed(docs: Iterable[list[int]], bos_id: int | None, eos_id: int | None) -> Iterator[array]:
+    """Each document's ids as an int64 array, framed by ``bos_id`` / ``eos_id`` when not None."""
     head = array("q", [] if bos_id is None else [bos_id])
     tail = array("q", [] if eos_id is None else [eos_id])
-    stream = array("q")
     for ids in docs:
-        stream += head
-        stream.extend(ids)
-        stream += tail
-        while len(stream) >= seq_len + 1:
-            yield torch.tensor(stream[: seq_len + 1], dtype=torch.long)  # (L + 1,)
-            del stream[:seq_len]  # the row's last token starts the next one
+        yield head + array("q", ids) + tail

@@ -239,3 +239,27 @@ def test_files_round_trip(world, tmp_path):
     split_of = {p.name: split for split, group in world.splits().items() for p in group}
     assert people == [{"name": p.name, "split": split_of[p.name], **p.attributes} for p in world.people]
     assert list(people[0]) == ["name", "split", *ATTRIBUTES]
+
+
+def test_paraphrased_questions_ask_the_same_facts_in_words_never_trained_on(world):
+    plain, paraphrased = world.qa_pairs("seen"), world.qa_pairs("seen", paraphrased=True)
+    assert [(q["person"], q["attribute"], q["answer"]) for q in plain] == [
+        (q["person"], q["attribute"], q["answer"]) for q in paraphrased]
+    assert all(a["question"] != b["question"] and b["person"] in b["question"] for a, b in zip(plain, paraphrased, strict=True))
+    text = "\n".join(world.training_documents())
+    assert all(q["question"] in text for q in plain)  # the seen questions are trained on ...
+    assert not any(q["question"] in text for q in paraphrased)  # ... their second wording never
+
+
+def test_a_second_world_of_new_people_shares_no_name_with_the_first():
+    first = generate_world(FactWorldConfig(n_people=3000, seed=0))
+    names = {p.name for p in first.people}
+    again = generate_world(FactWorldConfig(n_people=3000, seed=1))
+    assert names & {p.name for p in again.people}  # without exclusion, worlds share names
+    fresh = generate_world(FactWorldConfig(n_people=3000, seed=1), exclude=names)
+    assert not names & {p.name for p in fresh.people} and len({p.name for p in fresh.people}) == 3000
+    small = FactWorldConfig(n_people=50, seed=0, heldout_people=5)
+    assert generate_world(small, exclude=()).people == generate_world(small).people
+    total = len(facts.FIRST_NAMES) * len(facts.LAST_NAMES)
+    with pytest.raises(ConfigError, match="n_people: must be <="):
+        generate_world(FactWorldConfig(n_people=total - 2999, seed=1), exclude=names)

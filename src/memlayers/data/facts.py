@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import calendar
 import random
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +233,16 @@ QUESTION_TEMPLATES: dict[str, str] = {
 }
 """The one question per attribute; its answer is the attribute value."""
 
+PARAPHRASED_QUESTIONS: dict[str, str] = {
+    "birth_date": "What is the birth date of {name}?",
+    "birth_city": "Where was {name} born?",
+    "university": "Where did {name} go to university?",
+    "field": "What was the field of study of {name}?",
+    "employer": "Who employed {name}?",
+}
+"""A second wording of each question, never in training text: whether a fact learned as one
+question/answer pair is also known when asked another way."""
+
 
 @dataclass
 class FactWorldConfig:
@@ -295,9 +306,9 @@ class Person:
         order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
         return " ".join(self.sentence(a, rng.randrange(len(BIO_TEMPLATES[a]))) for a in order)
 
-    def question(self, attribute: str) -> str:
-        """The question whose answer is this person's ``attribute``."""
-        return QUESTION_TEMPLATES[attribute].format(name=self.name)
+    def question(self, attribute: str, paraphrased: bool = False) -> str:
+        """The question whose answer is this person's ``attribute`` (or its second wording)."""
+        return (PARAPHRASED_QUESTIONS if paraphrased else QUESTION_TEMPLATES)[attribute].format(name=self.name)
 
 
 def split_indices(n: int, seen_fraction: float, rng: random.Random) -> dict[str, list[int]]:
@@ -348,12 +359,13 @@ class FactWorld:
         chosen = split_indices(len(self.people), self.config.seen_fraction, _rng(self.config, "splits"))
         return {name: [self.people[i] for i in indices] for name, indices in chosen.items()}
 
-    def qa_pairs(self, split: str | None = None) -> list[dict[str, str]]:
+    def qa_pairs(self, split: str | None = None, paraphrased: bool = False) -> list[dict[str, str]]:
         """One ``{"question", "answer", "person", "attribute"}`` per person and attribute, person-major:
-        of every person, or of the people of ``split`` (one of :data:`SPLITS`)."""
+        of every person, or of the people of ``split`` (one of :data:`SPLITS`); ``paraphrased``
+        asks with :data:`PARAPHRASED_QUESTIONS`."""
         people = self.people if split is None else self.splits()[split]
         return [
-            {"question": p.question(a), "answer": p.attributes[a], "person": p.name, "attribute": a}
+            {"question": p.question(a, paraphrased), "answer": p.attributes[a], "person": p.name, "attribute": a}
             for p in people
             for a in ATTRIBUTES
         ]
@@ -393,12 +405,19 @@ class FactWorld:
         return [person.name for person, _ in self._heldout()]
 
 
-def generate_world(config: FactWorldConfig) -> FactWorld:
-    """Draw ``config.n_people`` people with unique names and independent uniform attributes."""
+def generate_world(config: FactWorldConfig, exclude: Collection[str] = ()) -> FactWorld:
+    """Draw ``config.n_people`` people with unique names and independent uniform attributes;
+    none is named as one in ``exclude`` (the people of another world: new facts to learn)."""
     rng = _rng(config, "people")
     n_last = len(LAST_NAMES)
     # distinct (first, last) pairs -> unique names
-    pairs = rng.sample(range(len(FIRST_NAMES) * n_last), config.n_people)
+    names: Sequence[int] = range(len(FIRST_NAMES) * n_last)
+    if exclude:
+        excluded = set(exclude)
+        names = [i for i in names if f"{FIRST_NAMES[i // n_last]} {LAST_NAMES[i % n_last]}" not in excluded]
+        check(config.n_people <= len(names), "n_people",
+              f"must be <= {len(names)} (the names left after excluding {len(excluded)}), got {config.n_people}")
+    pairs = rng.sample(names, config.n_people)
     people = []
     for pair in pairs:
         attributes = {

@@ -128,7 +128,8 @@ def test_other_errors_are_not_hidden(monkeypatch):
 
 @pytest.mark.parametrize(("command", "says"), [
     (["demo", "--claims", "--seeds", "3"], "--claims takes its seeds from the claims preset"),
-    (["demo", "--tune", "--seeds", "2"], "--tune trains one seed per trial"),
+    (["demo", "--tune", "--seeds", "2"], "--tune trains tune.seeds seeds per trial"),
+    (["demo", "--continual", "--seeds", "2"], "--continual takes its seeds from its preset"),
     (["demo", "--quick", "--seeds", "0"], "seeds: must be in [1, 100]"),
     (["demo", "--ablations", "configs/demo_ablations.yaml", "--tune"], "--tune does not apply to --ablations"),
     (["demo", "--ablations", "configs/demo_ablations.yaml", "--seeds", "0"], "seeds: must be in [1, 100]"),

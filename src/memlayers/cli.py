@@ -179,12 +179,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print((Path(args.out) / "claims.md").read_text().split("\n\n![")[0])
         print(f"wrote {args.out}/claims.md, claims.json and the figures in {results['seconds'] / 60:.1f} min")
         return 0
+    if args.continual:
+        from memlayers.demo.continual import run_continual
+        from memlayers.demo.continual_report import markdown
+
+        if args.tune or args.seeds is not None or args.claims:
+            raise ConfigError("", "--continual takes its seeds from its preset (seeds: N); leave out --tune, "
+                              "--seeds and --claims")
+        preset = args.preset or ("demo_continual_quick" if args.quick else "demo_continual")
+        results = run_continual(preset, args.out, overrides=args.overrides)
+        print(markdown(results))
+        print(f"wrote {args.out}/continual.md, results.json and continual.png in {results['seconds'] / 60:.1f} min")
+        return 0
     if args.tune:
         from memlayers.demo.runner import demo_config
         from memlayers.demo.tune import run_tuning
 
         if args.seeds is not None:
-            raise ConfigError("", "--tune trains one seed per trial; leave out --seeds")
+            raise ConfigError("", "--tune trains tune.seeds seeds per trial; set tune.seeds=N instead of --seeds")
         lrs = run_tuning(demo_config(args.quick, args.overrides, args.preset), args.out)
         print((Path(args.out) / "tuned.yaml").read_text(), end="")
         print("reproduce the demo with them: memlayers demo " + " ".join(
@@ -322,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. configs/demo_ablations.yaml); writes ablations.json and ablations.md")
     demo.add_argument("--seeds", type=int, default=None,
                       help="train every run with N seeds; tables show mean and spread (default: the preset's seeds)")
+    demo.add_argument("--continual", action="store_true", help="learning new facts against forgetting old ones: "
+                      "sparse memory finetuning, values, full and LoRA over rounds (configs/demo_continual.yaml, "
+                      "demo_continual_quick.yaml with --quick, or --preset FILE); writes continual.md, results.json "
+                      "and continual.png")
     demo.add_argument("--claims", action="store_true", help="check every claim of the paper over seeds "
                       "(configs/demo_claims.yaml, or demo_claims_quick.yaml with --quick, or --preset FILE); "
                       "writes claims.md, claims.json and figures")

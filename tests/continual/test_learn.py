@@ -16,10 +16,7 @@ from memlayers.continual.sparse import value_tables
 from memlayers.model.transformer import Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from test_slot_stats import _batches, _model  # noqa: E402
-
-from conftest import make_tiny_config  # noqa: E402
+from test_slot_stats import _batches, _model, make_tiny_config  # noqa: E402
 
 
 def _new_text(n: int = 16) -> torch.Tensor:

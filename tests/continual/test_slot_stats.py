@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,18 @@ from memlayers.continual.slot_stats import (
 from memlayers.memory.usage import kl_from_uniform
 from memlayers.model.transformer import Transformer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from conftest import make_tiny_config  # noqa: E402
+
+def _model_tests_helpers():
+    """tests/model/conftest.py under a name of its own: importing it as ``conftest`` would shadow
+    the ``conftest`` that other test modules import from tests/train."""
+    path = Path(__file__).resolve().parents[1] / "model" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("memlayers_tests_model_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_tiny_config = _model_tests_helpers().make_tiny_config
 
 
 def _model(shared: bool = True, seed: int = 0) -> Transformer:

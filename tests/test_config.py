@@ -17,6 +17,7 @@ from memlayers.config import (
 )
 from memlayers.demo.ablations import AblationConfig
 from memlayers.demo.claims import ClaimsConfig
+from memlayers.demo.continual import ContinualConfig
 from memlayers.demo.suite import DemoConfig
 from memlayers.train import RunConfig
 
@@ -124,14 +125,14 @@ def test_to_dict_round_trips():
     assert from_dict(RunConfig, to_dict(config)) == config
 
 
-def _load_preset(name: str) -> RunConfig | DemoConfig | AblationConfig | ClaimsConfig:
+def _load_preset(name: str) -> RunConfig | DemoConfig | AblationConfig | ClaimsConfig | ContinualConfig:
     """A shipped preset as the one config class it is written for."""
-    for cls in (RunConfig, DemoConfig, AblationConfig, ClaimsConfig):
+    for cls in (RunConfig, DemoConfig, AblationConfig, ClaimsConfig, ContinualConfig):
         try:
             return load_config(cls, name)
         except ConfigError:
             continue
-    pytest.fail(f"preset {name} is none of RunConfig, DemoConfig, AblationConfig, ClaimsConfig")
+    pytest.fail(f"preset {name} is none of RunConfig, DemoConfig, AblationConfig, ClaimsConfig, ContinualConfig")
 
 
 @pytest.mark.parametrize("name", presets())
@@ -143,5 +144,5 @@ def test_every_shipped_preset_trains_the_vocabulary_it_counts(name):
         assert config.data.tokenizer is not None or config.data.vocab_size == config.model.vocab_size
     elif isinstance(config, DemoConfig):  # one top-level vocab_size; the models' is filled in from it
         assert "vocab_size" not in load_yaml(resolve_config_path(name)).get("model", {})
-    elif isinstance(config, ClaimsConfig):  # it names a demo preset, which must load
+    elif isinstance(config, (ClaimsConfig, ContinualConfig)):  # it names a demo preset, which must load
         assert isinstance(load_config(DemoConfig, config.preset, list(config.demo_overrides)), DemoConfig)

@@ -38,6 +38,7 @@ class TfidfSelector:
             raise ValueError(f"top_t must be >= 1, got {top_t}")
         background.check_model(model)
         self.layout = memory_layout(model)
+        self.tables = value_tables(model)  # the parameters whose rows it selects, by name
         self.top_t = top_t
         self.idf = {table: background.idf(table).float() for table in background.batches}
         device = next(model.parameters()).device
@@ -107,11 +108,10 @@ def sparse_step(model: nn.Module, selector: TfidfSelector, optimizer: torch.opti
     keeps the step's cost to the batch's rows). Returns the loss and, per table, the rows
     allowed to change.
     """
-    tables = value_tables(model)
     optimizer.zero_grad()
     with selector:
         loss = model(inputs, targets).loss
     chosen = selector.select()
     loss.backward()
-    optimizer.step(only_rows={id(tables[name]): rows for name, rows in chosen.items()})
+    optimizer.step(only_rows={id(selector.tables[name]): rows for name, rows in chosen.items()})
     return float(loss.detach()), chosen

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from memlayers.cli import main  # noqa: E402
 from memlayers.continual.models import load_model  # noqa: E402
+from memlayers.continual.patch import MemoryPatch, patched  # noqa: E402
 from memlayers.continual.slot_stats import SlotStats  # noqa: E402
 from memlayers.data.text import qa_text, write_jsonl  # noqa: E402
 from memlayers.data.tokenizer import Tokenizer  # noqa: E402
@@ -71,6 +73,14 @@ def test_the_retrofitted_model_round_trips_through_learning_and_patches(retrofit
     assert (tmp_path / "applied" / "tokenizer.json").is_file()  # the model's own tokenizer travels with it
     assert main(["patch", "revert", str(tmp_path / "applied"), str(out), "--out", str(tmp_path / "reverted")]) == 0
     assert all(torch.equal(v, base[k]) for k, v in _state(tmp_path / "reverted").items())
+
+    # names are the transformers model's own: in Python the patch applies to the bare model too
+    patch = MemoryPatch.load(out)
+    assert all(not name.startswith("lm.") for name in patch.rows)
+    bare = AutoModelForCausalLM.from_pretrained(retrofitted, local_files_only=True)
+    with patched(bare, patch):
+        assert torch.equal(bare.state_dict()[table.removeprefix("lm.")], applied[table])
+    assert torch.equal(bare.state_dict()[table.removeprefix("lm.")], base[table])
 
 
 def test_full_finetuning_writes_a_transformers_directory(retrofitted, tmp_path, capsys):

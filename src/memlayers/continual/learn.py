@@ -31,7 +31,7 @@ from tqdm import tqdm
 from memlayers.config import check
 from memlayers.continual.patch import MemoryPatch
 from memlayers.continual.slot_stats import SlotStats
-from memlayers.continual.sparse import TfidfSelector, sparse_step, value_tables
+from memlayers.continual.sparse import TfidfSelector, sparse_step, train_values_only, value_tables
 from memlayers.data.packing import BatchIterator
 from memlayers.memory.layer import MemoryLayer
 from memlayers.train.row_optim import RowAdamW, RowSGD
@@ -138,20 +138,22 @@ def learn(model: nn.Module, rows: torch.Tensor, config: LearnConfig, background:
     if config.method in ("sparse", "values") and not _memory_layers(model):
         raise ValueError(f"method {config.method} changes memory value rows: the model has no memory layers")
     device = next(model.parameters()).device
-    if config.method == "lora":
-        from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-        model = inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=_lora_targets(model)), model).to(device)
-        params = [p for name, p in model.named_parameters() if "lora_" in name]
-    elif config.method == "full":
-        params = list(model.parameters())
-    else:
-        params = list(value_tables(model).values())
-    _train_only(model, params)
     row_sparse = config.method in ("sparse", "values")
-    for layer in _memory_layers(model).values():
-        layer.table_grad = "rows" if row_sparse else "dense"
+    if row_sparse:
+        params = list(train_values_only(model).values())
+    else:
+        if config.method == "lora":
+            from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+            model = inject_adapter_in_model(LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                target_modules=_lora_targets(model)), model).to(device)
+            params = [p for name, p in model.named_parameters() if "lora_" in name]
+        else:
+            params = list(model.parameters())
+        _train_only(model, params)
+        for layer in _memory_layers(model).values():
+            layer.table_grad = "dense"
     before = {name: t.detach().clone() for name, t in value_tables(model).items()} if row_sparse else {}
     optimizer = _optimizer(config, params, row_sparse)
     selector = TfidfSelector(model, background, config.top_t) if config.method == "sparse" else None

@@ -136,8 +136,17 @@ class SlotStats:
                                  "collect them for this model with `memlayers slot-stats`")
 
 
+def naming_root(model: nn.Module) -> nn.Module:
+    """The module that layer and table names are relative to: the model a wrapper exposes as
+    ``wrapped_model`` (``CausalLMAdapter``: the transformers model), else ``model``. Statistics
+    and patches made through the wrapper then apply to the bare transformers model too."""
+    return getattr(model, "wrapped_model", model)
+
+
 def memory_layout(model: nn.Module) -> dict[str, tuple[MemoryLayer, str]]:
-    """Every memory layer of ``model`` by module name, with the parameter name of its value table."""
+    """Every memory layer of ``model`` by module name, with the parameter name of its value table
+    (names relative to :func:`naming_root`)."""
+    model = naming_root(model)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     layout = {}
     for name, module in model.named_modules():

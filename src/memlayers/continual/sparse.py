@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memlayers.continual.slot_stats import SlotStats, memory_layout
+from memlayers.continual.slot_stats import SlotStats, memory_layout, naming_root
 
 
 class TfidfSelector:
@@ -83,7 +83,7 @@ class TfidfSelector:
 
 def value_tables(model: nn.Module) -> dict[str, nn.Parameter]:
     """The value table parameters of ``model``'s memory, by parameter name."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(naming_root(model).named_parameters(remove_duplicate=False))
     return {table: params[table] for _, table in memory_layout(model).values()}
 
 

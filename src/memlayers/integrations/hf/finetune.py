@@ -56,6 +56,11 @@ class CausalLMAdapter(nn.Module):
         self.lm = model
         self.config = SimpleNamespace(max_seq_len=model.config.max_position_embeddings)
 
+    @property
+    def wrapped_model(self) -> PreTrainedModel:
+        """The transformers model: memory layer and table names are relative to it."""
+        return self.lm
+
     def memory_layers(self) -> list[MemoryLayer]:
         """The memory layers, in depth order."""
         return [m for m in self.modules() if isinstance(m, MemoryLayer)]

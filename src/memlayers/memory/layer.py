@@ -103,9 +103,9 @@ class MemoryLayer(nn.Module):
         if self.owns_pool:
             self.pool.reset_parameters()
 
-    def track_usage(self, window: int = 100) -> UsageTracker:
-        """Start recording slot-read statistics of every forward pass in training mode."""
-        self.usage = UsageTracker(self.config.n_slots, window, device=self.search.keys.device)
+    def track_usage(self) -> UsageTracker:
+        """Start counting the slots every forward pass in training mode reads."""
+        self.usage = UsageTracker(self.config.n_slots, device=self.search.keys.device)
         return self.usage
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

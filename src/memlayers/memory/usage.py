@@ -1,67 +1,59 @@
 """Memory usage statistics: which slots are read, and how evenly.
 
-Cheap enough to log every step: an update costs a sort of the batch's
-indices (O(B log B) for B reads) and the window is kept as sparse counts,
-so nothing proportional to the memory size is stored per batch.
+Cheap enough to run on every training step: an update adds the batch's reads
+into one count per slot on the model's device (an ``index_add_``: no sort, no
+copy to the host, nothing that waits for the device), and the statistics are
+computed only when they are read, at log time.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
 
 class UsageTracker:
-    """Slot-read statistics over the last ``window`` batches.
+    """Slot reads counted since the last :meth:`read` (or :meth:`reset`).
 
-    ``update(indices)`` records one batch and returns its stats:
+    ``update(indices)`` adds one batch of reads without synchronising with the
+    device; :meth:`stats` (or :meth:`read`, which also starts a new window)
+    returns, over the batches since the window began:
 
-    - ``batch_slots``: distinct slots read in this batch;
-    - ``batch_fraction``: that count over ``n_slots``;
-    - ``coverage``: fraction of all slots read at least once in the window;
-    - ``kl_uniform``: KL(p || uniform) of the window's read distribution p,
-      in nats: 0 when reads are spread evenly, ``log(n_slots)`` when one slot
-      gets them all.
+    - ``coverage``: fraction of all slots read at least once;
+    - ``kl_uniform``: KL(p || uniform) of the read distribution p, in nats: 0
+      when reads are spread evenly, ``log(n_slots)`` when one slot gets them all.
     """
 
-    def __init__(self, n_slots: int, window: int = 100, device: torch.device | str = "cpu"):
-        if n_slots < 1 or window < 1:
-            raise ValueError(f"n_slots and window must be >= 1, got {n_slots}, {window}")
+    def __init__(self, n_slots: int, device: torch.device | str = "cpu"):
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         self.n_slots = n_slots
-        self.window = window
-        self.counts = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self._batches: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+        self.counts = torch.zeros(n_slots, dtype=torch.long, device=device)  # (n_slots,)
+        self.batches = 0
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor) -> dict[str, float]:
-        """Add one batch of slot indices (any shape) and return its stats."""
-        slots, counts = indices.detach().reshape(-1).to(self.counts.device).unique(return_counts=True)
-        if slots.numel() and (slots.min() < 0 or slots.max() >= self.n_slots):
-            raise ValueError(f"slot index out of range [0, {self.n_slots})")
-        self.counts.index_add_(0, slots, counts)
-        self._batches.append((slots, counts))
-        if len(self._batches) > self.window:
-            old_slots, old_counts = self._batches.popleft()
-            self.counts.index_add_(0, old_slots, -old_counts)
-        stats = self.stats()
-        stats["batch_slots"] = float(slots.numel())
-        stats["batch_fraction"] = slots.numel() / self.n_slots
-        return stats
+    def update(self, indices: torch.Tensor) -> None:
+        """Add one batch of slot indices (any shape, values in ``[0, n_slots)``)."""
+        flat = indices.detach().reshape(-1).to(self.counts.device)  # (reads,)
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+        self.batches += 1
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        """Coverage and KL-from-uniform over the current window."""
-        return {
-            "coverage": int((self.counts > 0).sum()) / self.n_slots,
-            "kl_uniform": kl_from_uniform(self.counts),
-        }
+        """Coverage and KL from uniform of the reads in the current window."""
+        return {"coverage": int((self.counts > 0).sum()) / self.n_slots, "kl_uniform": kl_from_uniform(self.counts)}
+
+    def read(self) -> dict[str, float]:
+        """:meth:`stats`, then start a new window."""
+        stats = self.stats()
+        self.reset()
+        return stats
 
     def reset(self) -> None:
         """Forget the window."""
         self.counts.zero_()
-        self._batches.clear()
+        self.batches = 0
 
 
 def kl_from_uniform(counts: torch.Tensor) -> float:

@@ -90,7 +90,8 @@ class TrainConfig:
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 2
     track_usage: bool = True
-    """Log memory slot coverage and KL from uniform."""
+    """Log memory slot coverage and KL from uniform of the reads since the last log line
+    (counted on the device, read only at log time)."""
     slot_stats_batches: int = 0
     """After training, read this many batches of the training text and write the memory's slot
     statistics into the final checkpoint (``slot_stats.safetensors``: the background counts of

@@ -251,7 +251,7 @@ class Trainer:
             set_rng_state(checkpoint.state["rng"])
         if tcfg.track_usage:
             for layer in self.model.memory_layers():
-                layer.track_usage(window=max(1, tcfg.log_every))
+                layer.track_usage()
         self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.rank == 0)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
@@ -361,13 +361,13 @@ class Trainer:
         return {"loss": loss_value, "lr": factor * self.config.optim.lr, **norms}
 
     def usage_stats(self) -> dict[str, float]:
-        """Slot coverage and KL from uniform of each memory layer's recent reads."""
+        """Slot coverage and KL from uniform of each memory layer's reads since the last call."""
         stats = {}
         for name, module in self.model.named_modules():
             if isinstance(module, MemoryLayer) and module.usage is not None:
                 layer = LAYER_INDEX.search(name)
                 label = f"memory{layer.group(1)}" if layer else f"memory_{name}"
-                for key, value in module.usage.stats().items():
+                for key, value in module.usage.read().items():
                     stats[f"{label}/{key}"] = value
         return stats
 

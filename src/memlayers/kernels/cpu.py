@@ -1,4 +1,4 @@
-"""The fast CPU path: C kernels (``csrc/bag.c``) compiled on first use, called through ctypes.
+"""The fast CPU path: C kernels (``csrc/bag.c``, ``csrc/search.c``) compiled on first use, called through ctypes.
 
 Why C: torch's CPU gather ops (``index_select``, advanced indexing, the
 per-sample-weight backward of ``embedding_bag``) read random rows at a few
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "bag.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bag.c", "search.c")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
 NATIVE = ["-march=native"]
 
@@ -45,6 +45,7 @@ SIGNATURES: dict[str, list] = {
     "sgd": [_P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64],
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
+    "product_key_topk": [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
 }
 # dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -54,6 +55,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "sgd": ("_f32", "_bf16"),
     "adagrad": ("_f32", "_bf16"),
     "adam": ("_f32_f32", "_f32_bf16", "_bf16_f32", "_bf16_bf16"),
+    "product_key_topk": ("",),
 }
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -85,7 +87,7 @@ def _compile(compiler: str, target: Path) -> None:
         out = Path(tmp) / target.name
         for extra in (NATIVE, []):  # -march=native is not known to every compiler
             result = subprocess.run(
-                [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True
+                [compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True, text=True
             )
             if result.returncode == 0:
                 os.replace(out, target)
@@ -114,7 +116,7 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             warnings.warn("memlayers: no C compiler found; the CPU memory kernels fall back to slower torch ops", stacklevel=2)
             return None
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\n".join([*(source.read_text() for source in SOURCES), compiler, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"memlayers_bag_{key}.so"
         try:
             if not target.is_file():

@@ -38,6 +38,9 @@ class MemoryLayer(nn.Module):
             ``state_dict()``. Without a pool the layer creates and owns one.
         bag_backend: implementation of :func:`memlayers.kernels.embedding_bag`
             (``auto``: Triton on GPU, the C kernels on CPU).
+        search_backend: implementation of the product-key top-k,
+            :func:`memlayers.kernels.search.product_key_topk` (``auto``: the C
+            search on CPU, torch ops elsewhere).
         table_grad: how the value table's gradient is left: ``"dense"``
             (``values.grad``, for any torch optimizer) or ``"rows"``
             (``values.row_grad``, for the row-sparse optimizers). The trainer
@@ -51,6 +54,7 @@ class MemoryLayer(nn.Module):
         pool: MemoryPool | None = None,
         bag_backend: str = "auto",
         table_grad: str = "dense",
+        search_backend: str = "auto",
     ):
         super().__init__()
         self.dim = dim
@@ -61,7 +65,7 @@ class MemoryLayer(nn.Module):
         # that memlayers.distributed installs from outside (same signature)
         self.value_reader = embedding_bag
         self.dot_reader = embedding_dot  # PEER's input projections, likewise replaceable
-        self.search = ProductKeySearch(dim, config)
+        self.search = ProductKeySearch(dim, config, backend=search_backend)
         if pool is None:
             self.pool = MemoryPool(dim, config)
         else:

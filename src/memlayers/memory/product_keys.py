@@ -15,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlayers.kernels.search import product_key_topk
 from memlayers.memory.config import MemoryConfig
 
 
 class ProductKeySearch(nn.Module):
-    """Query projection, sub-keys and the exact multi-head product-key top-k."""
+    """Query projection, sub-keys and the exact multi-head product-key top-k
+    (``backend``: see :func:`memlayers.kernels.search.product_key_topk`)."""
 
-    def __init__(self, dim: int, config: MemoryConfig):
+    def __init__(self, dim: int, config: MemoryConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
         self.dim = dim
+        self.backend = backend
         self.query_proj = nn.Linear(dim, config.heads * config.k_dim, bias=config.query_bias)
         half = config.k_dim // 2
         # (heads, 2 halves, n_keys, k_dim/2)
@@ -63,16 +66,8 @@ class ProductKeySearch(nn.Module):
             ``(scores, indices)``, each ``(..., heads, knn)``: the raw dot-product
             scores in descending order and the slot ids in ``[0, n_keys**2)``.
         """
-        knn, n_keys = self.config.knn, self.config.n_keys
-        s1, s2 = self.half_scores(x)
-        # candidates only: their order does not matter, and unsorted top-k is cheaper
-        top1, idx1 = s1.topk(knn, dim=-1, sorted=False)  # (..., heads, knn)
-        top2, idx2 = s2.topk(knn, dim=-1, sorted=False)  # (..., heads, knn)
-        pair_scores = top1.unsqueeze(-1) + top2.unsqueeze(-2)  # (..., heads, knn, knn)
-        scores, best = pair_scores.flatten(-2).topk(knn, dim=-1)  # (..., heads, knn)
-        row = idx1.gather(-1, torch.div(best, knn, rounding_mode="floor"))  # (..., heads, knn)
-        col = idx2.gather(-1, best % knn)  # (..., heads, knn)
-        return scores, row * n_keys + col
+        s1, s2 = self.half_scores(x)  # (..., heads, n_keys) each
+        return product_key_topk(s1, s2, self.config.knn, self.backend)
 
     def slot_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Brute-force score of every slot, ``(..., heads, n_keys**2)``.

@@ -10,6 +10,7 @@ import torch
 from memlayers import bench
 from memlayers.bench.timing import source_commit
 from memlayers.cli import main
+from memlayers.kernels import cpu
 
 
 def test_bag_results_are_self_consistent():
@@ -35,6 +36,18 @@ def test_step_results_cover_every_optimizer_and_touched_rows():
         assert 0 < row["touched_rows_small"] <= shape["small_keys"] ** 2
         assert row["touched_rows_small"] <= row["touched_rows_large"] <= shape["large_keys"] ** 2
     assert r["optimizers"]["adamw"]["large_speedup_vs_adamw"] == 1.0
+
+
+def test_search_results_compare_the_reference_with_the_backend_auto_picks(capsys):
+    results = bench.run(("search",), device="cpu", quick=True, repeat=1)
+    r = results["search"]
+    assert [c["n_keys"] for c in r["cases"]] == list(r["shape"]["n_keys"])
+    for case in r["cases"]:
+        assert case["slots"] == case["n_keys"] ** 2
+        assert case["fast_backend"] == ("cpu" if cpu.available() else "reference")
+        for part in ("select_fwd", "select_fwd_bwd", "search_fwd_bwd"):
+            assert case[f"{part}_speedup"] == pytest.approx(case[f"reference_{part}_ms"] / case[f"fast_{part}_ms"])
+    assert f"{r['cases'][-1]['search_fwd_bwd_speedup']:.2f}x" in bench.render(results)
 
 
 @pytest.mark.slow

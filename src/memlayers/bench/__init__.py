@@ -3,7 +3,8 @@
 - ``bag`` (a): embedding-bag fwd+bwd / fwd, ours vs torch, 1M x 256 rows, 16k bags of 128;
 - ``step`` (b): a memory layer's training step at 1024**2 slots / at 256**2, per value optimizer;
 - ``memory`` (c): peak bytes per value parameter while training, per optimizer and dtype;
-- ``bandwidth`` (d, GPU only): kernel bandwidth as a fraction of device copy bandwidth.
+- ``bandwidth`` (d, GPU only): kernel bandwidth as a fraction of device copy bandwidth;
+- ``search`` (e): the product-key search, fused backend vs the torch reference, 256**2 and 1024**2 slots.
 
 ``run`` returns one JSON-ready dict; ``quick=True`` shrinks every shape (for tests).
 """
@@ -13,16 +14,18 @@ from __future__ import annotations
 from memlayers.bench.bag import BagShape, bench_bag_bandwidth, bench_bag_ratio
 from memlayers.bench.memory import MemoryShape, bench_memory
 from memlayers.bench.report import render
+from memlayers.bench.search import SearchShape, bench_search
 from memlayers.bench.step import StepShape, bench_step
 from memlayers.bench.timing import environment
 from memlayers.config import ConfigError
 from memlayers.device import pick_device
 
-NAMES = ("bag", "step", "memory", "bandwidth")
+NAMES = ("bag", "step", "memory", "bandwidth", "search")
 QUICK = {
     "bag": BagShape(n_rows=64**2, dim=32, bags=256, bag_size=16),
     "step": StepShape(small_keys=16, large_keys=64, dim=32, heads=2, knn=8, k_dim=16, tokens=128),
     "memory": MemoryShape(n_rows=256**2, dim=32, bags=256, bag_size=16, steps=2),
+    "search": SearchShape(tokens=64, dim=32, heads=2, knn=8, k_dim=16, n_keys=(16, 64)),
 }
 
 
@@ -52,6 +55,8 @@ def run(names: tuple[str, ...] = NAMES, device: str = "auto", quick: bool = Fals
             results["bandwidth"] = bench_bag_bandwidth(shape("bag", BagShape()), dev, repeat)
         else:
             results["bandwidth"] = {"skipped": "needs a CUDA device"}
+    if "search" in names:
+        results["search"] = bench_search(shape("search", SearchShape()), dev, repeat)
     return results
 
 

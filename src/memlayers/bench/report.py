@@ -59,11 +59,27 @@ def _bandwidth(r: dict) -> str:
     return "\n".join([head, "", format_table(rows, list(rows[0]))])
 
 
+def _search(r: dict) -> str:
+    shape = r["shape"]
+    rows = [
+        {"slots": f"{c['n_keys']}^2", "fast backend": c["fast_backend"],
+         "select fwd ms (ref / fast)": f"{c['reference_select_fwd_ms']:.1f} / {c['fast_select_fwd_ms']:.1f}",
+         "select fwd+bwd ms": f"{c['reference_select_fwd_bwd_ms']:.1f} / {c['fast_select_fwd_bwd_ms']:.1f}",
+         "search fwd+bwd ms": f"{c['reference_search_fwd_bwd_ms']:.1f} / {c['fast_search_fwd_bwd_ms']:.1f}",
+         "speedup select / search": f"{c['select_fwd_bwd_speedup']:.2f}x / {c['search_fwd_bwd_speedup']:.2f}x"}
+        for c in r["cases"]
+    ]
+    head = (f"(e) product-key search, {shape['tokens']:,} tokens, dim {shape['dim']}, {shape['heads']} heads x "
+            f"knn {shape['knn']}, k_dim {shape['k_dim']}: the torch reference against the fast backend")
+    return "\n".join([head, "", format_table(rows, list(rows[0]))])
+
+
 def render(results: dict) -> str:
     """All benchmark sections of ``results`` as markdown."""
     env = results["environment"]
     parts = [f"memlayers bench, {env['date']}, {env['device']}, torch {env['torch']}" + (" (quick shapes)" if results["quick"] else "")]
-    for key, fn in (("bag", _bag), ("step", _step), ("memory", _memory), ("bandwidth", _bandwidth)):
+    for key, fn in (("bag", _bag), ("step", _step), ("memory", _memory), ("bandwidth", _bandwidth),
+                    ("search", _search)):
         if key in results:
             parts.append(fn(results[key]))
     return "\n\n".join(parts)

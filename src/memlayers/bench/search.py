@@ -30,20 +30,20 @@ class SearchShape:
     n_keys: tuple[int, ...] = (256, 1024)
 
 
-def _selection(s1: torch.Tensor, s2: torch.Tensor, knn: int, backend: str, device: torch.device,
+def _selection(halves: torch.Tensor, knn: int, backend: str, device: torch.device,
                repeat: int) -> tuple[float, float]:
     """Forward and forward+backward ms of the top-knn selection alone."""
-    a, b = s1.detach().requires_grad_(), s2.detach().requires_grad_()
-    grad = torch.randn(*s1.shape[:-1], knn, device=device, dtype=s1.dtype)
+    leaf = halves.detach().requires_grad_()
+    grad = torch.randn(*halves.shape[:-2], knn, device=device, dtype=halves.dtype)
 
     def forward():
         with torch.no_grad():
-            product_key_topk(s1, s2, knn, backend)
+            product_key_topk(halves, knn, backend)
 
     def forward_backward():
-        scores, _ = product_key_topk(a, b, knn, backend)
+        scores, _ = product_key_topk(leaf, knn, backend)
         scores.backward(grad)
-        a.grad = b.grad = None
+        leaf.grad = None
 
     return time_ms(forward, device, repeat), time_ms(forward_backward, device, repeat)
 
@@ -65,12 +65,12 @@ def bench_search(shape: SearchShape, device: torch.device, repeat: int = 5) -> d
     x = torch.randn(shape.tokens, shape.dim, generator=g).to(device)  # (T, dim)
     cases = []
     for n_keys in shape.n_keys:
-        s1, s2 = (torch.randn(shape.tokens, shape.heads, n_keys, generator=g).to(device) for _ in range(2))  # (T, H, n)
-        fast = resolve_search_backend("auto", s1, shape.knn)
+        halves = torch.randn(shape.tokens, shape.heads, 2, n_keys, generator=g).to(device)  # (T, H, 2, n)
+        fast = resolve_search_backend("auto", halves, shape.knn)
         case = {"n_keys": n_keys, "slots": n_keys**2, "fast_backend": fast}
         for name, backend in (("reference", "reference"), ("fast", fast)):
             case[f"{name}_select_fwd_ms"], case[f"{name}_select_fwd_bwd_ms"] = _selection(
-                s1, s2, shape.knn, backend, device, repeat)
+                halves, shape.knn, backend, device, repeat)
             torch.manual_seed(0)
             search = ProductKeySearch(shape.dim, MemoryConfig(n_keys=n_keys, heads=shape.heads, knn=shape.knn,
                                                               k_dim=shape.k_dim), backend=backend).to(device)

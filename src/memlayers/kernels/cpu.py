@@ -45,7 +45,7 @@ SIGNATURES: dict[str, list] = {
     "sgd": [_P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64],
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
-    "product_key_topk": [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
+    "product_key_topk": [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
 }
 # dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -155,6 +155,13 @@ def ptr(tensor: torch.Tensor) -> int:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError(f"the C kernels take contiguous CPU tensors, got a {tuple(tensor.shape)} tensor on {tensor.device}"
                          f"{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+    return tensor.data_ptr()
+
+
+def ptr_strided(tensor: torch.Tensor) -> int:
+    """Address of a CPU tensor whose strides the C kernel is told (no contiguity needed)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"the C kernels take CPU tensors, got a {tuple(tensor.shape)} tensor on {tensor.device}")
     return tensor.data_ptr()
 
 

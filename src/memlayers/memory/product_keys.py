@@ -42,19 +42,17 @@ class ProductKeySearch(nn.Module):
         bound = 1.0 / math.sqrt(self.config.k_dim)
         nn.init.uniform_(self.keys, -bound, bound)
 
-    def half_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of every sub-key of each half, each ``(..., heads, n_keys)``."""
+    def half_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of every sub-key of both halves, ``(..., heads, 2, n_keys)`` (one batched
+        product: slicing the halves apart first would cost a zero-filled gradient each)."""
         cfg = self.config
         q = self.query_proj(x)  # (..., heads * k_dim)
         q = q.view(*x.shape[:-1], cfg.heads, 2, cfg.k_dim // 2)  # (..., heads, 2, k_dim/2)
-        keys = self.keys
+        keys = self.keys  # (heads, 2, n_keys, k_dim/2)
         if cfg.qk_norm:
             q = F.normalize(q, dim=-1)
             keys = F.normalize(keys, dim=-1)
-        keys = keys.to(q.dtype)
-        s1 = torch.einsum("...hd,hnd->...hn", q[..., 0, :], keys[:, 0])  # (..., heads, n_keys)
-        s2 = torch.einsum("...hd,hnd->...hn", q[..., 1, :], keys[:, 1])  # (..., heads, n_keys)
-        return s1, s2
+        return torch.einsum("...hpd,hpnd->...hpn", q, keys.to(q.dtype))  # (..., heads, 2, n_keys)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-knn slots per head.
@@ -66,13 +64,12 @@ class ProductKeySearch(nn.Module):
             ``(scores, indices)``, each ``(..., heads, knn)``: the raw dot-product
             scores in descending order and the slot ids in ``[0, n_keys**2)``.
         """
-        s1, s2 = self.half_scores(x)  # (..., heads, n_keys) each
-        return product_key_topk(s1, s2, self.config.knn, self.backend)
+        return product_key_topk(self.half_scores(x), self.config.knn, self.backend)
 
     def slot_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Brute-force score of every slot, ``(..., heads, n_keys**2)``.
 
         Memory grows with n_keys**2: for tests and inspecting small memories.
         """
-        s1, s2 = self.half_scores(x)
-        return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., heads, n_keys**2)
+        s = self.half_scores(x)  # (..., heads, 2, n_keys)
+        return (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)  # (..., heads, n_keys**2)

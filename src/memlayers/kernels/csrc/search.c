@@ -94,17 +94,22 @@ static pair_t heap_pop(pair_t *heap, int64_t *size) {
 
 #define MAX_KNN 1024
 
-/* For rows [start, stop): scores[r, 0..k) the top-k slot scores in descending
- * order, slots[r, .] their ids i * n + j, and sub1/sub2[r, .] their sub-key ids
- * i and j (what the backward scatters into). Needs 1 <= k <= min(n, MAX_KNN). */
-void product_key_topk(const float *s1, const float *s2, int64_t n, int64_t k, float *scores, int64_t *slots,
-                      int64_t *sub1, int64_t *sub2, int64_t start, int64_t stop) {
+/* Row r = p * heads + h of the scores, for r in [start, stop): its first half
+ * starts at s + p * stride_p + h * stride_h and its second half stride_half
+ * further (each half n contiguous floats). Writes scores[r, 0..k) the top-k slot
+ * scores in descending order, slots[r, .] their ids i * n + j, and sub1/sub2[r, .]
+ * their sub-key ids i and j (what the backward scatters into).
+ * Needs 1 <= k <= min(n, MAX_KNN). */
+void product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t stride_h, int64_t stride_half,
+                      int64_t n, int64_t k, float *scores, int64_t *slots, int64_t *sub1, int64_t *sub2,
+                      int64_t start, int64_t stop) {
     float a[MAX_KNN], b[MAX_KNN];
     int64_t ia[MAX_KNN], ib[MAX_KNN];
     pair_t heap[MAX_KNN + 1];
     for (int64_t r = start; r < stop; r++) {
-        top_sorted(s1 + r * n, n, k, a, ia);
-        top_sorted(s2 + r * n, n, k, b, ib);
+        const float *first = s + (r / heads) * stride_p + (r % heads) * stride_h;
+        top_sorted(first, n, k, a, ia);
+        top_sorted(first + stride_half, n, k, b, ib);
         int64_t size = 0;
         heap_push(heap, &size, (pair_t){a[0] + b[0], 0, 0});
         for (int64_t t = 0; t < k; t++) {

@@ -50,6 +50,17 @@ def test_c_search_equals_the_reference(shape, n_keys, knn):
 
 
 @needs_c
+def test_c_search_is_a_valid_top_k_when_most_scores_tie():
+    torch.manual_seed(2)
+    halves = torch.randint(0, 4, (50, 3, 2, 64)).float()  # four values: ties everywhere
+    scores, slots = product_key_topk(halves, 20, "cpu")
+    ref_scores, _ = product_key_topk_reference(halves, 20)
+    assert torch.equal(scores, ref_scores)
+    own = halves[..., 0, :].gather(-1, slots // 64) + halves[..., 1, :].gather(-1, slots % 64)
+    assert torch.equal(own, scores) and (slots.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@needs_c
 def test_c_search_reads_strided_scores_without_copying_them():
     # the layout a batched product over (heads, halves) leaves: heads and halves outermost in memory
     torch.manual_seed(1)

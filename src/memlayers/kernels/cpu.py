@@ -47,6 +47,8 @@ SIGNATURES: dict[str, list] = {
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
     "product_key_topk": [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
 }
+# what the functions that return something return (the others return nothing)
+RESTYPES = {"row_grad_sq_norm": ctypes.c_double, "product_key_topk": ctypes.c_int}
 # dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
 VARIANTS: dict[str, tuple[str, ...]] = {
     "bag": ("_f32", "_bf16"),
@@ -100,7 +102,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         for suffix in VARIANTS[base]:
             fn = getattr(lib, base + suffix)
             fn.argtypes = args
-            fn.restype = ctypes.c_double if base == "row_grad_sq_norm" else None
+            fn.restype = RESTYPES.get(base)
 
 
 def library() -> ctypes.CDLL | None:

@@ -57,8 +57,10 @@ class _CpuTopk(torch.autograd.Function):
         rows = s.shape[0] * heads
         out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
         slots, sub1, sub2 = (torch.empty(rows, knn, dtype=torch.long) for _ in range(3))  # (P * H, knn) each
-        cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
+        failed = cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
                          s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub1), cpu.ptr(sub2), grain=16)
+        if any(failed):
+            raise MemoryError(f"the product-key search could not allocate {n_keys} sub-key scores per thread")
         ctx.save_for_backward(sub1, sub2)
         ctx.shape, ctx.dtype = scores.shape, scores.dtype
         slots = slots.reshape(*lead, knn)

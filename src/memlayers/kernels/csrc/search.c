@@ -12,54 +12,59 @@
  * over threads.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-/* The k largest of s[0..n) into val/idx in descending order: a min-heap of the
- * best k seen so far (one comparison per element once it is full), then
- * heap-sorted in place, which leaves a min-heap in descending order. */
-static void top_sorted(const float *s, int64_t n, int64_t k, float *val, int64_t *idx) {
-    for (int64_t t = 0; t < n; t++) {
-        int64_t pos;
-        if (t < k) {
-            pos = t; /* sift up */
-            while (pos > 0 && s[t] < val[(pos - 1) / 2]) {
-                val[pos] = val[(pos - 1) / 2];
-                idx[pos] = idx[(pos - 1) / 2];
-                pos = (pos - 1) / 2;
-            }
-        } else if (s[t] > val[0]) {
-            pos = 0; /* replace the smallest, sift down */
-            for (;;) {
-                int64_t c = 2 * pos + 1;
-                if (c >= k) break;
-                if (c + 1 < k && val[c + 1] < val[c]) c++;
-                if (val[c] >= s[t]) break;
-                val[pos] = val[c];
-                idx[pos] = idx[c];
-                pos = c;
-            }
-        } else {
-            continue;
-        }
-        val[pos] = s[t];
-        idx[pos] = t;
+/* Order-preserving key of a float (larger float, larger key; NaN above +inf, as
+ * torch.topk ranks it), with the sub-key id below it so that keys are distinct
+ * and equal scores rank the lower id first. */
+static inline uint64_t sort_key(float f, int64_t id) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t)u << 32) | (uint32_t)~(uint32_t)id;
+}
+
+static void sort_descending(uint64_t *x, int64_t n) { /* insertion sort: n is small */
+    for (int64_t i = 1; i < n; i++) {
+        uint64_t v = x[i];
+        int64_t j = i;
+        for (; j > 0 && x[j - 1] < v; j--) x[j] = x[j - 1];
+        x[j] = v;
     }
-    for (int64_t end = k - 1; end > 0; end--) { /* move the minimum behind the heap */
-        float v = val[end];
-        int64_t i = idx[end];
-        val[end] = val[0];
-        idx[end] = idx[0];
-        int64_t pos = 0;
-        for (;;) {
-            int64_t c = 2 * pos + 1;
-            if (c >= end) break;
-            if (c + 1 < end && val[c + 1] < val[c]) c++;
-            if (val[c] >= v) break;
-            val[pos] = val[c];
-            idx[pos] = idx[c];
-            pos = c;
+}
+
+static inline uint64_t median3(uint64_t a, uint64_t b, uint64_t c) {
+    if (a > b) { uint64_t t = a; a = b; b = t; }
+    return c < a ? a : (c > b ? b : c);
+}
+
+/* The k largest of s[0..n) into val/idx in descending order. Quickselect over
+ * the keys with a branchless partition (a data-dependent branch per element,
+ * as a heap of the best k takes, mispredicts often on scores), then the k
+ * winners sorted. buf holds n keys. */
+static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, float *val, int64_t *idx) {
+    for (int64_t i = 0; i < n; i++) buf[i] = sort_key(s[i], i);
+    int64_t lo = 0, hi = n;
+    while (hi - lo > 16) {
+        uint64_t p = median3(buf[lo], buf[lo + (hi - lo) / 2], buf[hi - 1]);
+        int64_t m = lo;
+        for (int64_t i = lo; i < hi; i++) { /* [lo, m) >= p, [m, i) < p */
+            uint64_t v = buf[i];
+            buf[i] = buf[m];
+            buf[m] = v;
+            m += v >= p;
         }
-        val[pos] = v;
-        idx[pos] = i;
+        /* the median of three distinct keys is neither extreme, so lo < m < hi */
+        if (m == k) break;
+        if (m > k) hi = m;
+        else lo = m;
+    }
+    if (hi - lo <= 16 && lo < k) sort_descending(buf + lo, hi - lo);
+    sort_descending(buf, k);
+    for (int64_t t = 0; t < k; t++) {
+        idx[t] = (int64_t)(uint32_t)~(uint32_t)buf[t];
+        val[t] = s[idx[t]];
     }
 }
 
@@ -99,17 +104,20 @@ static pair_t heap_pop(pair_t *heap, int64_t *size) {
  * further (each half n contiguous floats). Writes scores[r, 0..k) the top-k slot
  * scores in descending order, slots[r, .] their ids i * n + j, and sub1/sub2[r, .]
  * their sub-key ids i and j (what the backward scatters into).
- * Needs 1 <= k <= min(n, MAX_KNN). */
-void product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t stride_h, int64_t stride_half,
+ * Needs 1 <= k <= min(n, MAX_KNN). Returns 0, or 1 when out of memory. */
+int product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t stride_h, int64_t stride_half,
                       int64_t n, int64_t k, float *scores, int64_t *slots, int64_t *sub1, int64_t *sub2,
                       int64_t start, int64_t stop) {
     float a[MAX_KNN], b[MAX_KNN];
     int64_t ia[MAX_KNN], ib[MAX_KNN];
     pair_t heap[MAX_KNN + 1];
+    uint64_t stack_buf[4096];
+    uint64_t *buf = n <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * n);
+    if (buf == NULL) return 1;
     for (int64_t r = start; r < stop; r++) {
         const float *first = s + (r / heads) * stride_p + (r % heads) * stride_h;
-        top_sorted(first, n, k, a, ia);
-        top_sorted(first + stride_half, n, k, b, ib);
+        top_sorted(first, n, k, buf, a, ia);
+        top_sorted(first + stride_half, n, k, buf, b, ib);
         int64_t size = 0;
         heap_push(heap, &size, (pair_t){a[0] + b[0], 0, 0});
         for (int64_t t = 0; t < k; t++) {
@@ -123,4 +131,6 @@ void product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t s
             if (p.j == 0 && p.i + 1 < k) heap_push(heap, &size, (pair_t){a[p.i + 1] + b[0], p.i + 1, 0});
         }
     }
+    if (buf != stack_buf) free(buf);
+    return 0;
 }

@@ -50,6 +50,20 @@ def test_search_results_compare_the_reference_with_the_backend_auto_picks(capsys
     assert f"{r['cases'][-1]['search_fwd_bwd_speedup']:.2f}x" in bench.render(results)
 
 
+def test_lm_results_compare_the_demo_models_at_matched_flops():
+    results = bench.run(("lm",), device="cpu", quick=True, repeat=1)
+    (setting,) = results["lm"]["settings"]
+    kinds = setting["kinds"]
+    assert list(kinds) == ["dense", "memory", "moe"] and kinds["dense"]["vs_dense"] == 1.0
+    for kind, row in kinds.items():
+        assert row["tokens_per_s"] == pytest.approx(setting["batch_size"] * setting["seq_len"] / (row["ms"] / 1e3))
+        assert row["vs_dense"] == pytest.approx(row["tokens_per_s"] / kinds["dense"]["tokens_per_s"])
+        assert abs(row["flops_vs_dense"] - 1) <= 0.10  # the demo's matching holds for the models timed
+        assert row["meets_target"] == (None if kind == "dense" else row["vs_dense"] >= results["lm"]["targets"][kind])
+    assert kinds["memory"]["run"].startswith("memory-") and kinds["memory"]["params"] > 5 * kinds["dense"]["params"]
+    assert "(f) LM training step" in bench.render(results)
+
+
 @pytest.mark.slow
 def test_memory_peaks_account_for_table_gradient_and_state():
     """Each case's peak holds at least its table and state; dense AdamW at least table,

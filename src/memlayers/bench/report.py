@@ -74,12 +74,24 @@ def _search(r: dict) -> str:
     return "\n".join([head, "", format_table(rows, list(rows[0]))])
 
 
+def _lm(r: dict) -> str:
+    rows = [
+        {"setting": s["name"], "kind": kind, "run": k["run"], "FLOPs vs dense": k["flops_vs_dense"],
+         "tokens/s": f"{k['tokens_per_s']:,.0f}", "vs dense": k["vs_dense"],
+         "target": f">= {r['targets'][kind]}" if kind in r["targets"] else "-",
+         "met": {None: "-", True: "yes", False: "no"}[k["meets_target"]]}
+        for s in r["settings"] for kind, k in s["kinds"].items()
+    ]
+    head = "(f) LM training step (forward, backward, clipping, update), tokens/s against the dense LM at equal FLOPs"
+    return "\n".join([head, "", format_table(rows, list(rows[0]))])
+
+
 def render(results: dict) -> str:
     """All benchmark sections of ``results`` as markdown."""
     env = results["environment"]
     parts = [f"memlayers bench, {env['date']}, {env['device']}, torch {env['torch']}" + (" (quick shapes)" if results["quick"] else "")]
     for key, fn in (("bag", _bag), ("step", _step), ("memory", _memory), ("bandwidth", _bandwidth),
-                    ("search", _search)):
+                    ("search", _search), ("lm", _lm)):
         if key in results:
             parts.append(fn(results[key]))
     return "\n\n".join(parts)

@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | slot-stats | learn | patch | generate | demo | consolidate | shard | export | import | retrofit | lm-eval | bench``."""
+"""The ``memlayers`` command line: ``info | train | eval | slot-stats | learn | patch | generate | demo | consolidate | shard | export | import | retrofit | quantize | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -261,6 +261,19 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return _optional("memlayers.integrations.lm_eval", "eval").run_harness(args.harness_args)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a checkpoint with int8 / int4 value tables."""
+    from memlayers.inference.quantize import quantize_checkpoint
+
+    result = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"value tables {result['table_bytes'] / 2**20:,.1f} MiB -> {result['quantized_bytes'] / 2**20:,.1f} MiB "
+              f"(int{args.bits}); wrote {result['checkpoint']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Kernel, step and memory benchmarks: a markdown table on stdout, JSON to ``--out``."""
     from memlayers.bench import NAMES, render, run
@@ -379,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser
     sub.add_parser("lm-eval", help="run lm-evaluation-harness with the memlayers model and tasks registered "
                    "(--model memlayers --model_args checkpoint=PATH --tasks memlayers_fact_qa ...)", add_help=False)
+
+    quantize = sub.add_parser("quantize", help="a checkpoint's memory value tables in int8 or int4, for inference")
+    quantize.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    quantize.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    quantize.add_argument("--group-size", type=int, default=32, help="int4: columns sharing a scale (default 32)")
+    quantize.add_argument("--out", required=True, help="run directory to write the quantized checkpoint into")
+    quantize.add_argument("--json", action="store_true", help="print the result as JSON")
+    quantize.set_defaults(func=cmd_quantize)
 
     bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
     bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth, search, lm (default: all)")

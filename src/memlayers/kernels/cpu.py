@@ -1,4 +1,4 @@
-"""The fast CPU path: C kernels (``csrc/bag.c``, ``csrc/search.c``) compiled on first use, called through ctypes.
+"""The fast CPU path: C kernels (``csrc/*.c``) compiled on first use, called through ctypes.
 
 Why C: torch's CPU gather ops (``index_select``, advanced indexing, the
 per-sample-weight backward of ``embedding_bag``) read random rows at a few
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bag.c", "search.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bag.c", "search.c", "quantized.c")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
 NATIVE = ["-march=native"]
 
@@ -46,6 +46,8 @@ SIGNATURES: dict[str, list] = {
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
     "product_key_topk": [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
+    "bag_q8": [_P, _P, _I64, _P, _P, _P, _P, _I64, _I64],
+    "bag_q4": [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
 }
 # what the functions that return something return (the others return nothing)
 RESTYPES = {"row_grad_sq_norm": ctypes.c_double, "product_key_topk": ctypes.c_int}
@@ -58,6 +60,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "adagrad": ("_f32", "_bf16"),
     "adam": ("_f32_f32", "_f32_bf16", "_bf16_f32", "_bf16_bf16"),
     "product_key_topk": ("",),
+    "bag_q8": ("",),
+    "bag_q4": ("",),
 }
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 

@@ -39,6 +39,7 @@ from memlayers.kernels.bag_ops import (
     check_ids,
     fixed_offsets,
 )
+from memlayers.kernels.quantized import QuantizedTable, quantized_bag
 from memlayers.kernels.row_grad import read_table_grad
 
 
@@ -164,7 +165,8 @@ def embedding_bag(
         indices: ``(..., K)`` int64 or int32 row ids in ``[0, N)`` (others raise
             ValueError, ids out of range IndexError).
         weights: ``(..., K)`` weight of each selected row.
-        table: ``(N, d)`` value table.
+        table: ``(N, d)`` value table, or a
+            :class:`~memlayers.kernels.quantized.QuantizedTable` (forward only).
         backend: ``auto`` or one of :data:`BACKENDS`.
         table_grad: ``"dense"`` (``table.grad``) or ``"rows"`` (``table.row_grad``,
             a :class:`~memlayers.kernels.row_grad.RowGrad`; the table must be a leaf).
@@ -172,6 +174,8 @@ def embedding_bag(
     Returns:
         ``(..., d)`` tensor in ``table``'s dtype.
     """
+    if isinstance(table, QuantizedTable):  # inference: the C kernel on CPU, else torch ops
+        return quantized_bag(indices, weights, table, "cpu" if backend == "cpu" else "auto")
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must have the same shape")
     name = _fast_backend(indices, table, backend, table_grad, "embedding_bag")

@@ -49,9 +49,18 @@ class MemoryConfig:
     paper's scale makes each memory read start several times louder than any other write into
     the residual stream, and two shared memory layers then fail to learn (3 seeds,
     docs/evidence/log.md)."""
-    value_dtype: Literal["float32", "bfloat16"] = "float32"
+    value_dtype: Literal["float32", "bfloat16", "int8", "int4"] = "float32"
     """Storage dtype of the value pool; bfloat16 halves it (reads and updates
-    compute in float32, see memlayers.kernels)."""
+    compute in float32, see memlayers.kernels). int8 (a scale per row) and int4 (a
+    scale per ``value_group_size`` columns) are for inference: a checkpoint gets them
+    from ``memlayers quantize``, and the bag dequantizes the rows it reads."""
+    value_group_size: int = 32
+    """Columns that share a scale in an int4 table (even, dividing the value size)."""
+
+    @property
+    def quantized(self) -> bool:
+        """True for int8 / int4 value tables (inference only)."""
+        return self.value_dtype in ("int8", "int4")
 
     def __post_init__(self) -> None:
         check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")
@@ -63,6 +72,8 @@ class MemoryConfig:
             f"must be <= n_keys ({self.n_keys}): each half keeps its top-knn sub-keys, got {self.knn}",
         )
         check(self.k_dim >= 2, "k_dim", f"must be >= 2, got {self.k_dim}")
+        check(self.value_group_size >= 2 and self.value_group_size % 2 == 0, "value_group_size",
+              f"must be even and >= 2, got {self.value_group_size}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.k_dim % 2 == 0, "k_dim", f"must be even (it is split into two halves), got {self.k_dim}")
         check(

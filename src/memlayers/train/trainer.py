@@ -214,6 +214,9 @@ class Trainer:
         self.config = config
         self.fingerprints = self._fingerprints(resume_from, saved)
         self.model = model.to(self.device)
+        if any(layer.pool.quantized for layer in self.model.memory_layers()):
+            raise ConfigError("memory.value_dtype", "int8 and int4 value tables are for inference: train in float32 "
+                              "or bfloat16, then quantize the checkpoint with `memlayers quantize`")
         if tcfg.slot_stats_batches and not list(self.model.memory_layers()):
             raise ConfigError("train.slot_stats_batches", "slot statistics need a memory model")
         if tcfg.slot_stats_batches and self.world > 1:

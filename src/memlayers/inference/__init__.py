@@ -1,0 +1,1 @@
+"""Serving memory models: quantized value tables (``memlayers quantize``)."""

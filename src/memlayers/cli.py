@@ -37,6 +37,10 @@ def _table(rows: dict[str, float]) -> str:
     return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows.items())
 
 
+MMAP_HELP = ("map the checkpoint's weights into memory instead of reading them (CPU): a value table larger "
+             "than free RAM is read page by page as tokens touch its rows")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a config's parameter and FLOP counts."""
     from memlayers.model.accounting import count_flops, count_parameters
@@ -108,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.qa and args.text is None:
         raise ConfigError("", "give --qa FILE (or --qa NAME=FILE, repeatable) and/or --text FILE to evaluate")
     qa_sets = parse_qa_sets(args.qa or [])
-    model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
+    model, tokenizer, config = load_pretrained(args.checkpoint, pick_device(args.device, "--device"), mmap=args.mmap)
     results: dict[str, float] = {}
     predictions: dict[str, list[dict]] = {}
     for name, path in qa_sets.items():
@@ -142,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memlayers.eval.generate import generate
     from memlayers.train.pretrained import load_pretrained
 
-    model, tokenizer, _ = load_pretrained(args.checkpoint, pick_device(args.device, "--device"))
+    model, tokenizer, _ = load_pretrained(args.checkpoint, pick_device(args.device, "--device"), mmap=args.mmap)
     ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None)
     generator = torch.Generator().manual_seed(args.seed)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -321,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", help="write results and per-question predictions as JSON")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
     from memlayers.continual.cli import add_parsers as add_continual_parsers
@@ -333,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--mmap", action="store_true", help=MMAP_HELP)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)

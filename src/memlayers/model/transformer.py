@@ -53,10 +53,15 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, head_dim)
+        self.init_buffers()
         self.reset_parameters()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary tables, which no checkpoint holds (a model built on the meta
+        device and loaded by assignment gets them this way)."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device) if device else cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin.to(device) if device else sin, persistent=False)  # (max_seq_len, head_dim)
 
     def memory_layers(self) -> list[MemoryLayer]:
         """The memory (and PEER) layers, in depth order."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -233,8 +234,45 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {file} is corrupt ({first_line(error)}); {earlier_advice(file.parent)}") from None
 
 
-def load_model_weights(path: str | Path, model: nn.Module) -> None:
-    """Load ``model.safetensors`` of a checkpoint into ``model``, strictly."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of the file mapped into memory (private,
+    read on demand: a page is read from disk when first touched, and never written back)."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing; {earlier_advice(file.parent)}")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len)) if 0 < header_len <= size - 8 else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint file {file} is corrupt (no safetensors header); {earlier_advice(file.parent)}")
+    storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=size)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, (start, end) = SAFETENSORS_DTYPES.get(info.get("dtype")), info.get("data_offsets", (0, -1))
+        offset, shape = 8 + header_len + start, tuple(info.get("shape", ()))
+        element = dtype.itemsize if dtype is not None else 1
+        if dtype is None or offset % element or end - start != math.prod(shape) * element or 8 + header_len + end > size:
+            raise CheckpointError(f"checkpoint file {file} has a tensor {name} that cannot be mapped "
+                                  f"({info}); load it without memory mapping")
+        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // element, shape,
+                                                          torch.empty(shape, device="meta").stride())
+    return tensors
+
+
+def load_model_weights(path: str | Path, model: nn.Module, mmap: bool = False) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model``, strictly. With ``mmap`` the
+    tensors stay views of the mapped file and replace the model's own (``model`` may be on the
+    meta device: nothing is allocated for it)."""
     path = resolve_checkpoint(path)
     state = read_state(path)
     if state.get("sharded"):
@@ -243,7 +281,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
             f"or write a single-process copy with `memlayers consolidate {path} --out DIR`"
         )
     check_files(path, state)
-    tensors = _load_tensors(path / "model.safetensors")
+    tensors = mmap_tensors(path / "model.safetensors") if mmap else _load_tensors(path / "model.safetensors")
     for alias, kept in state.get("tied", {}).items():
         if kept in tensors:
             tensors[alias] = tensors[kept]
@@ -258,7 +296,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
             if keys
         )
         raise CheckpointError(f"checkpoint {path} does not fit this model ({detail}); check the config")
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, assign=mmap)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:

@@ -30,6 +30,8 @@ step tests 180 tests.log $PY -m pytest -q -x -n 8 -p no:cacheprovider tests/kern
 step train 90 train.log $PY -m memlayers.cli train tiny train.device=cuda train.steps=60 train.log_every=10 \
     train.eval_qa=200 train.out_dir="$OUT/run" --overwrite
 rm -rf "$OUT/run"
-# the kernel, step, memory and bandwidth benchmarks, ours vs torch side by side
-step bench 240 bench.log $PY -m memlayers.cli bench --device cuda --repeat 5 --out "$OUT/bench_cuda.json"
+# the kernel, step, memory, bandwidth, search and LM benchmarks, ours vs torch side by side
+# (inference is a CPU benchmark: generation in fresh processes)
+step bench 240 bench.log $PY -m memlayers.cli bench bag step memory bandwidth search lm --device cuda --repeat 5 \
+    --out "$OUT/bench_cuda.json"
 cat "$OUT/env.txt"

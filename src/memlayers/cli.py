@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(func=cmd_quantize)
 
     bench = sub.add_parser("bench", help="embedding-bag, training-step and memory benchmarks (ours vs torch)")
-    bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth, search, lm (default: all)")
+    bench.add_argument("names", nargs="*", help="bag, step, memory, bandwidth, search, lm, inference (default: all)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bench.add_argument("--repeat", type=int, default=5, help="timed repeats per measurement (median reported)")

@@ -65,6 +65,22 @@ def test_lm_results_compare_the_demo_models_at_matched_flops():
 
 
 @pytest.mark.slow
+def test_inference_measures_every_variant_in_its_own_process():
+    results = bench.run(("inference",), device="cpu", quick=True)
+    r = results["inference"]
+    variants = {v["variant"]: v for v in r["variants"]}
+    assert list(variants) == ["dense", "memory, float32 in RAM", "memory, int8 in RAM", "memory, int4 in RAM",
+                              "memory, float32 mmap cold", "memory, float32 mmap warm"]
+    for v in variants.values():
+        assert v["new_tokens"] == r["shape"]["new_tokens"] and v["ttft_s"] > 0 and v["load_s"] > 0
+        assert v["decode_vs_dense"] == pytest.approx(v["decode_tokens_per_s"] / variants["dense"]["decode_tokens_per_s"])
+    sizes = [variants[f"memory, {k} in RAM"]["checkpoint_bytes"] for k in ("float32", "int8", "int4")]
+    assert sizes[0] > sizes[1] > sizes[2]  # the quantized checkpoints are smaller
+    assert r["meets_target"] == (variants["memory, float32 in RAM"]["decode_vs_dense"] >= r["target"])
+    assert "(g) generation on the CPU" in bench.render(results)
+
+
+@pytest.mark.slow
 def test_memory_peaks_account_for_table_gradient_and_state():
     """Each case's peak holds at least its table and state; dense AdamW at least table,
     gradient and two moments (16 bytes per fp32 value); row-wise Adagrad far less."""

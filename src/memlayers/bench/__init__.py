@@ -5,7 +5,8 @@
 - ``memory`` (c): peak bytes per value parameter while training, per optimizer and dtype;
 - ``bandwidth`` (d, GPU only): kernel bandwidth as a fraction of device copy bandwidth;
 - ``search`` (e): the product-key search, fused backend vs the torch reference, 256**2 and 1024**2 slots;
-- ``lm`` (f): training-step tokens/s of the demo's memory and MoE LMs over its dense LM (equal FLOPs), and at dim 512.
+- ``lm`` (f): training-step tokens/s of the demo's memory and MoE LMs over its dense LM (equal FLOPs), and at dim 512;
+- ``inference`` (g, CPU): KV-cached generation, memory vs dense, the table float32 / int8 / int4 / memory-mapped.
 
 ``run`` returns one JSON-ready dict; ``quick=True`` shrinks every shape (for tests).
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 from memlayers.bench.bag import BagShape, bench_bag_bandwidth, bench_bag_ratio
+from memlayers.bench.inference import InferenceShape, bench_inference
 from memlayers.bench.lm import LMShape, bench_lm
 from memlayers.bench.memory import MemoryShape, bench_memory
 from memlayers.bench.report import render
@@ -22,13 +24,15 @@ from memlayers.bench.timing import environment
 from memlayers.config import ConfigError
 from memlayers.device import pick_device
 
-NAMES = ("bag", "step", "memory", "bandwidth", "search", "lm")
+NAMES = ("bag", "step", "memory", "bandwidth", "search", "lm", "inference")
 QUICK = {
     "bag": BagShape(n_rows=64**2, dim=32, bags=256, bag_size=16),
     "step": StepShape(small_keys=16, large_keys=64, dim=32, heads=2, knn=8, k_dim=16, tokens=128),
     "memory": MemoryShape(n_rows=256**2, dim=32, bags=256, bag_size=16, steps=2),
     "search": SearchShape(tokens=64, dim=32, heads=2, knn=8, k_dim=16, n_keys=(16, 64)),
     "lm": LMShape(settings={"demo (dim 64)": []}, batch_size=2),
+    "inference": InferenceShape(overrides=("model.dim=32", "model.n_heads=2", "memory.k_dim=16", "memory.knn=4",
+                                           "memory_sizes=[16]", "big_dim=80", "seq_len=64"), prompt_tokens=8, new_tokens=8),
 }
 
 
@@ -62,6 +66,8 @@ def run(names: tuple[str, ...] = NAMES, device: str = "auto", quick: bool = Fals
         results["search"] = bench_search(shape("search", SearchShape()), dev, repeat)
     if "lm" in names:
         results["lm"] = bench_lm(shape("lm", LMShape()), dev, repeat)
+    if "inference" in names:  # generation on the CPU, each variant in its own process
+        results["inference"] = bench_inference(shape("inference", InferenceShape()))
     return results
 
 

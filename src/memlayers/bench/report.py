@@ -86,12 +86,27 @@ def _lm(r: dict) -> str:
     return "\n".join([head, "", format_table(rows, list(rows[0]))])
 
 
+def _inference(r: dict) -> str:
+    rows = [
+        {"variant": v["variant"], "checkpoint MiB": v["checkpoint_bytes"] / 2**20, "load s": v["load_s"],
+         "first token ms": 1e3 * v["ttft_s"], "decode tokens/s": f"{v['decode_tokens_per_s']:,.0f}",
+         "vs dense": v["decode_vs_dense"], "resident MiB (loaded / after)":
+             f"{v['rss_loaded'] / 2**20:,.0f} / {v['rss_after'] / 2**20:,.0f}"}
+        for v in r["variants"]
+    ]
+    shape = r["shape"]
+    head = (f"(g) generation on the CPU ({shape['threads']} thread), prompt {shape['prompt_tokens']} + "
+            f"{shape['new_tokens']} new tokens, memory at {r['flops_vs_dense']:.2f}x dense FLOPs "
+            f"(target: decode >= {r['target']}x dense: {'met' if r['meets_target'] else 'missed'})")
+    return "\n".join([head, "", format_table(rows, list(rows[0]))])
+
+
 def render(results: dict) -> str:
     """All benchmark sections of ``results`` as markdown."""
     env = results["environment"]
     parts = [f"memlayers bench, {env['date']}, {env['device']}, torch {env['torch']}" + (" (quick shapes)" if results["quick"] else "")]
     for key, fn in (("bag", _bag), ("step", _step), ("memory", _memory), ("bandwidth", _bandwidth),
-                    ("search", _search), ("lm", _lm)):
+                    ("search", _search), ("lm", _lm), ("inference", _inference)):
         if key in results:
             parts.append(fn(results[key]))
     return "\n\n".join(parts)

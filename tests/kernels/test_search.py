@@ -9,6 +9,7 @@ from memlayers.kernels.search import (
     product_key_topk,
     product_key_topk_reference,
     resolve_search_backend,
+    triton_available,
 )
 
 needs_c = pytest.mark.skipif(not cpu.available(), reason="no C compiler")
@@ -47,6 +48,21 @@ def test_c_search_equals_the_reference(shape, n_keys, knn):
     expected[..., 0, :].scatter_add_(-1, slots // n_keys, grad)
     expected[..., 1, :].scatter_add_(-1, slots % n_keys, grad)
     torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (interpreted on the CPU)")
+@pytest.mark.parametrize("shape,n_keys,knn", [((2, 3, 2), 16, 3), ((5, 2), 24, 8), ((3,), 8, 8)])
+def test_triton_search_equals_the_reference(shape, n_keys, knn):
+    torch.manual_seed(n_keys + knn)
+    base = torch.randn(shape[-1], 2, *shape[:-1], n_keys)  # heads and halves outermost, as the layer's product
+    halves = base.movedim((0, 1), (-3, -2)).requires_grad_()  # (*shape, 2, n_keys), strided
+    scores, slots = product_key_topk(halves, knn, "triton")
+    ref_scores, ref_slots = product_key_topk_reference(halves, knn)
+    assert torch.equal(scores, ref_scores) and torch.equal(slots, ref_slots)
+    grad = torch.randn_like(scores)
+    (ours,) = torch.autograd.grad(scores, halves, grad)
+    (theirs,) = torch.autograd.grad(ref_scores, halves, grad)
+    torch.testing.assert_close(ours, theirs)
 
 
 @needs_c

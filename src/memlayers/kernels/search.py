@@ -9,11 +9,14 @@ selects those. Then:
   top-k over them; the definition the others are tested against.
 - ``cpu`` (``csrc/search.c``): both halves' top-knn sorted, then a heap walk
   over the frontier of taken pairs yields the top-knn sums in order in
-  O(knn log knn), never forming the ``knn**2`` sums; the backward scatters the
-  gradient of the selected scores only.
+  O(knn log knn), never forming the ``knn**2`` sums;
+- ``triton`` (:mod:`memlayers.kernels.triton_search`): each half sorted in
+  registers, then the ``knn**2`` sums as one register tile and one sort (on a
+  GPU cheaper than a sequential walk).
 
-``auto`` picks ``cpu`` for CPU tensors when the C kernels are built, else the
-reference.
+The fast backends' backward scatters the gradient of the selected scores only.
+``auto`` picks ``triton`` for CUDA tensors when Triton is installed, ``cpu`` for
+CPU tensors when the C kernels are built, else the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from memlayers.kernels import cpu
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the C search takes (it ranks in float32; float64 scores stay with the reference)."""
 MAX_CPU_KNN = 1024
@@ -44,9 +47,33 @@ def product_key_topk_reference(scores: torch.Tensor, knn: int) -> tuple[torch.Te
     return best_scores, row * n_keys + col
 
 
-class _CpuTopk(torch.autograd.Function):
+def _cpu_topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
+    """The C search over ``s`` ``(P, H, 2, n_keys)`` float32: scores, slots, sub1, sub2, each ``(P * H, knn)``."""
+    rows, heads, n_keys = s.shape[0] * s.shape[1], s.shape[1], s.shape[-1]
+    out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
+    slots, sub1, sub2 = (torch.empty(rows, knn, dtype=torch.long) for _ in range(3))  # (P * H, knn) each
+    failed = cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
+                              s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub1), cpu.ptr(sub2),
+                              grain=16)
+    if any(failed):
+        raise MemoryError(f"the product-key search could not allocate {n_keys} sub-key scores per thread")
+    return out, slots, sub1, sub2
+
+
+def _triton_topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
+    from memlayers.kernels import triton_search
+
+    return triton_search.topk(s, knn)
+
+
+KERNELS = {"cpu": _cpu_topk, "triton": _triton_topk}
+
+
+class _FusedTopk(torch.autograd.Function):
+    """A fast backend's selection, with the backward that scatters the selected scores' gradient."""
+
     @staticmethod
-    def forward(ctx, scores, knn):  # noqa: D102 (autograd hook)
+    def forward(ctx, scores, knn, backend):  # noqa: D102 (autograd hook)
         lead, n_keys = scores.shape[:-2], scores.shape[-1]
         heads = lead[-1] if lead else 1
         # rows (p, h): the leading dims but the last merge into p, which a view can do for the
@@ -54,13 +81,7 @@ class _CpuTopk(torch.autograd.Function):
         s = scores.detach().float().reshape(-1, heads, 2, n_keys)  # (P, H, 2, n_keys)
         if s.stride(-1) != 1:
             s = s.contiguous()
-        rows = s.shape[0] * heads
-        out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
-        slots, sub1, sub2 = (torch.empty(rows, knn, dtype=torch.long) for _ in range(3))  # (P * H, knn) each
-        failed = cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
-                         s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub1), cpu.ptr(sub2), grain=16)
-        if any(failed):
-            raise MemoryError(f"the product-key search could not allocate {n_keys} sub-key scores per thread")
+        out, slots, sub1, sub2 = KERNELS[backend](s, knn)  # (P * H, knn) each
         ctx.save_for_backward(sub1, sub2)
         ctx.shape, ctx.dtype = scores.shape, scores.dtype
         slots = slots.reshape(*lead, knn)
@@ -72,15 +93,24 @@ class _CpuTopk(torch.autograd.Function):
         sub1, sub2 = ctx.saved_tensors
         grad = grad_scores.reshape(sub1.shape)  # (P * H, knn)
         # only the selected sub-keys' scores get gradient: one zero fill, two scatters
-        out = torch.zeros(sub1.shape[0], 2, ctx.shape[-1], dtype=grad.dtype)  # (P * H, 2, n_keys)
+        out = torch.zeros(sub1.shape[0], 2, ctx.shape[-1], dtype=grad.dtype, device=grad.device)  # (P * H, 2, n_keys)
         out[:, 0].scatter_add_(-1, sub1, grad)
         out[:, 1].scatter_add_(-1, sub2, grad)
-        return out.to(ctx.dtype).reshape(ctx.shape), None
+        return out.to(ctx.dtype).reshape(ctx.shape), None, None
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it runs on CUDA, or anywhere with ``TRITON_INTERPRET=1``)."""
+    from memlayers.kernels import triton_search
+
+    return triton_search.AVAILABLE
 
 
 def resolve_search_backend(backend: str, scores: torch.Tensor, knn: int) -> str:
     """The concrete backend ``backend`` stands for with half scores ``scores`` and ``knn``."""
     if backend == "auto":
+        if scores.device.type == "cuda":
+            return "triton" if triton_available() else "reference"
         fast = scores.device.type == "cpu" and scores.dtype in CPU_DTYPES and knn <= MAX_CPU_KNN and cpu.available()
         return "cpu" if fast else "reference"
     if backend not in BACKENDS:
@@ -94,6 +124,8 @@ def resolve_search_backend(backend: str, scores: torch.Tensor, knn: int) -> str:
         if not cpu.available():
             raise ValueError("search backend 'cpu' needs the C kernels, which could not be built (no C compiler); "
                              "use backend 'auto'")
+    if backend == "triton" and not triton_available():
+        raise ValueError("search backend 'triton' needs triton installed; use backend 'auto'")
     return backend
 
 
@@ -109,6 +141,7 @@ def product_key_topk(scores: torch.Tensor, knn: int, backend: str = "auto") -> t
         raise ValueError(f"half scores must be (..., 2, n_keys), got {tuple(scores.shape)}")
     if not 1 <= knn <= scores.shape[-1]:
         raise ValueError(f"knn must be in [1, n_keys = {scores.shape[-1]}], got {knn}")
-    if resolve_search_backend(backend, scores, knn) == "cpu":
-        return _CpuTopk.apply(scores, knn)
-    return product_key_topk_reference(scores, knn)
+    name = resolve_search_backend(backend, scores, knn)
+    if name == "reference":
+        return product_key_topk_reference(scores, knn)
+    return _FusedTopk.apply(scores, knn, name)

@@ -10,10 +10,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from memlayers.bench.reliability import TINY_RUN
+from memlayers.bench.reliability import write_config
 from memlayers.cli import main
 from memlayers.continual.slot_report import collect_from_file
 from memlayers.continual.slot_stats import SlotStats, collect_slot_stats
@@ -26,10 +25,9 @@ from memlayers.train.run_dir import file_fingerprint
 
 def _train(directory: Path, *overrides: str) -> Path:
     """Train the reliability suite's tiny run with ``memlayers train``; its final checkpoint."""
-    config = directory / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_RUN))
+    config = write_config(directory / "tiny.yaml", directory / "run")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["train", str(config), f"train.out_dir={directory / 'run'}", *overrides]) == 0
+        assert main(["train", str(config), *overrides]) == 0
     return directory / "run" / "checkpoints" / "step_00000008"
 
 
@@ -107,11 +105,8 @@ def test_training_ships_the_slot_statistics_of_its_data(tmp_path, capsys):
     assert stats.n_batches == 3 and stats.n_tokens == direct.n_tokens
     assert all(torch.equal(stats.reads[k], direct.reads[k]) for k in direct.reads)
     assert stats.metadata["data_sha256"] == file_fingerprint(run_dir / "data" / "train.jsonl")
-    dense_dir = tmp_path / "dense"
-    dense_dir.mkdir()
-    (dense_dir / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
-    assert main(["train", str(dense_dir / "tiny.yaml"), f"train.out_dir={dense_dir / 'run'}",
-                 "model.memory_layers=[]", "train.slot_stats_batches=3"]) == 2
+    dense_config = write_config(tmp_path / "dense.yaml", tmp_path / "dense")
+    assert main(["train", str(dense_config), "model.memory_layers=[]", "train.slot_stats_batches=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.slot_stats_batches" in err and "need a memory model" in err and "\n" not in err
 

@@ -10,7 +10,7 @@ import torch
 
 from memlayers.continual.patch import MemoryPatch, PatchError, merge, patched, table_fingerprint
 from memlayers.continual.slot_stats import collect_slot_stats
-from memlayers.continual.sparse import TfidfSelector, sparse_step, train_values_only
+from memlayers.continual.sparse import RowSelector, sparse_step, train_values_only
 from memlayers.train.row_optim import RowSGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +25,7 @@ def _learned(model, seed: int, top_t: int = 4) -> MemoryPatch:
     tables = train_values_only(model)
     before = {name: t.detach().clone() for name, t in tables.items()}
     optimizer = RowSGD(list(tables.values()), lr=0.5)
-    selector = TfidfSelector(model, background, top_t)
+    selector = RowSelector(model, background, top_t)
     for batch in _batches(2, seed=seed):
         sparse_step(model, selector, optimizer, batch[:, :-1], batch[:, 1:])
     patch = MemoryPatch.between(before, model, {"method": "sparse", "top_t": top_t})

@@ -31,7 +31,13 @@ from tqdm import tqdm
 from memlayers.config import check
 from memlayers.continual.patch import MemoryPatch
 from memlayers.continual.slot_stats import SlotStats
-from memlayers.continual.sparse import TfidfSelector, sparse_step, train_values_only, value_tables
+from memlayers.continual.sparse import (
+    RANKINGS,
+    RowSelector,
+    sparse_step,
+    train_values_only,
+    value_tables,
+)
 from memlayers.data.packing import BatchIterator
 from memlayers.memory.layer import MemoryLayer
 from memlayers.train.row_optim import RowAdamW, RowSGD
@@ -56,6 +62,9 @@ class LearnConfig:
     """sgd | adamw; null: SGD for sparse and values, AdamW for full and lora."""
     top_t: int = 500
     """Value rows per table that one batch may change (sparse)."""
+    ranking: str = "tfidf"
+    """How sparse ranks a batch's rows: tfidf (the paper's) or kl (its share of the batch's
+    reads against the background's, :class:`~memlayers.continual.sparse.RowSelector`)."""
     epochs: int = 1
     """Passes over the new text (when ``steps`` is 0)."""
     steps: int = 0
@@ -73,6 +82,7 @@ class LearnConfig:
     def __post_init__(self) -> None:
         check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         check(self.optimizer in (None, "sgd", "adamw"), "optimizer", f"must be sgd or adamw, got {self.optimizer!r}")
+        check(self.ranking in RANKINGS, "ranking", f"must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         for name in ("top_t", "epochs", "batch_size", "lora_rank"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -156,7 +166,7 @@ def learn(model: nn.Module, rows: torch.Tensor, config: LearnConfig, background:
             layer.table_grad = "dense"
     before = {name: t.detach().clone() for name, t in value_tables(model).items()} if row_sparse else {}
     optimizer = _optimizer(config, params, row_sparse)
-    selector = TfidfSelector(model, background, config.top_t) if config.method == "sparse" else None
+    selector = RowSelector(model, background, config.top_t, config.ranking) if config.method == "sparse" else None
     batches = BatchIterator(rows, config.batch_size, config.seed)
     steps = config.steps or config.epochs * (rows.shape[0] // config.batch_size)
     result: dict[str, Any] = {"before": evaluate() if evaluate else {}}
@@ -186,7 +196,8 @@ def learn(model: nn.Module, rows: torch.Tensor, config: LearnConfig, background:
     log({"step": steps, **result["after"]})
     if row_sparse:
         result["patch"] = MemoryPatch.between(before, model, {
-            "method": config.method, "top_t": config.top_t if config.method == "sparse" else None, "steps": steps,
+            "method": config.method, "top_t": config.top_t if config.method == "sparse" else None,
+            "ranking": config.ranking if config.method == "sparse" else None, "steps": steps,
             "lr": config.resolved_lr, "optimizer": config.resolved_optimizer})
     if config.method == "lora":
         result["adapter"] = get_peft_model_state_dict(model)

@@ -8,9 +8,12 @@ over background batches (:meth:`SlotStats.idf`). Rows that every background
 batch reads (general-purpose ones) rank low, so what the model already knows is
 left alone. Every other parameter is frozen.
 
-:class:`TfidfSelector` counts a batch's reads through hooks on the memory
+:class:`RowSelector` counts a batch's reads through hooks on the memory
 layers' searches and, after the forward pass, names the rows of each value
-table that may change; :func:`sparse_step` runs one such step with a row-sparse
+table that may change, ranked by TF-IDF or, as an alternative, by each row's
+term of the KL divergence of the batch's read distribution from the
+background's (rows the batch reads much more often than the background does
+rank first); :func:`sparse_step` runs one such step with a row-sparse
 optimizer, so its cost is the batch's rows, never the table.
 """
 
@@ -21,9 +24,13 @@ from torch import nn
 
 from memlayers.continual.slot_stats import SlotStats, memory_layout, naming_root
 
+RANKINGS = ("tfidf", "kl")
 
-class TfidfSelector:
-    """Ranks the value rows a batch reads by TF-IDF against background statistics.
+
+class RowSelector:
+    """Ranks the value rows a batch reads against background statistics (``ranking``:
+    ``tfidf``, the paper's, or ``kl``: ``p log(p / q)`` of the row's share ``p`` of the
+    batch's reads against its share ``q`` of the background's, add-one smoothed).
 
     Use as a context manager around the forward pass of a batch, then call
     :meth:`select`::
@@ -33,20 +40,28 @@ class TfidfSelector:
         rows = selector.select()  # {value table name: (<= top_t,) row ids}
     """
 
-    def __init__(self, model: nn.Module, background: SlotStats, top_t: int):
+    def __init__(self, model: nn.Module, background: SlotStats, top_t: int, ranking: str = "tfidf"):
         if top_t < 1:
             raise ValueError(f"top_t must be >= 1, got {top_t}")
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {list(RANKINGS)}, got {ranking!r}")
         background.check_model(model)
         self.layout = memory_layout(model)
         self.tables = value_tables(model)  # the parameters whose rows it selects, by name
-        self.top_t = top_t
-        self.idf = {table: background.idf(table).float() for table in background.batches}
+        self.top_t, self.ranking = top_t, ranking
         device = next(model.parameters()).device
-        self.tf = {table: torch.zeros(idf.numel(), device=device) for table, idf in self.idf.items()}
-        self.idf = {table: idf.to(device) for table, idf in self.idf.items()}
+        if ranking == "tfidf":
+            weight = {table: background.idf(table) for table in background.batches}
+        else:  # log of the background's share of reads, smoothed so that unread rows stay finite
+            weight = {}
+            for table in background.batches:
+                reads = background.table_reads(table).double() + 1  # (n_slots,)
+                weight[table] = (reads / reads.sum()).log()
+        self.weight = {table: w.float().to(device) for table, w in weight.items()}  # (n_slots,) each
+        self.tf = {table: torch.zeros(w.numel(), device=device) for table, w in self.weight.items()}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> TfidfSelector:
+    def __enter__(self) -> RowSelector:
         for layer, table in self.layout.values():
             self._hooks.append(layer.search.register_forward_hook(self._hook(table)))
         return self
@@ -66,11 +81,15 @@ class TfidfSelector:
         return count
 
     def scores(self, table: str) -> torch.Tensor:
-        """``(n_slots,)`` TF-IDF of ``table``'s rows in the current batch (0 for rows not read)."""
-        return self.tf[table] * self.idf[table]
+        """``(n_slots,)`` rank score of ``table``'s rows in the current batch (0 for rows not read)."""
+        tf = self.tf[table]
+        if self.ranking == "tfidf":
+            return tf * self.weight[table]
+        p = tf / tf.sum().clamp_min(1)  # the batch's share of reads
+        return torch.where(tf > 0, p * (p.clamp_min(1e-30).log() - self.weight[table]), torch.zeros_like(p))
 
     def select(self) -> dict[str, torch.Tensor]:
-        """Per value table, its ``top_t`` rows by TF-IDF among those the batch read (all of
+        """Per value table, its ``top_t`` rows by score among those the batch read (all of
         them when it read fewer), ascending; the batch's counts are then cleared."""
         chosen = {}
         for table, tf in self.tf.items():
@@ -99,7 +118,7 @@ def train_values_only(model: nn.Module) -> dict[str, nn.Parameter]:
     return tables
 
 
-def sparse_step(model: nn.Module, selector: TfidfSelector, optimizer: torch.optim.Optimizer,
+def sparse_step(model: nn.Module, selector: RowSelector, optimizer: torch.optim.Optimizer,
                 inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     """One step of sparse memory finetuning on ``(inputs, targets)`` ``(B, L)``.
 

@@ -51,8 +51,9 @@ def test_c_search_equals_the_reference(shape, n_keys, knn):
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton (interpreted on the CPU)")
-@pytest.mark.parametrize("shape,n_keys,knn", [((2, 3, 2), 16, 3), ((5, 2), 24, 8), ((3,), 8, 8)])
-def test_triton_search_equals_the_reference(shape, n_keys, knn):
+def test_triton_search_equals_the_reference():
+    # one case (the interpreter is slow): strided rows, n_keys and knn not powers of two
+    shape, n_keys, knn = (2, 3, 2), 12, 3
     torch.manual_seed(n_keys + knn)
     base = torch.randn(shape[-1], 2, *shape[:-1], n_keys)  # heads and halves outermost, as the layer's product
     halves = base.movedim((0, 1), (-3, -2)).requires_grad_()  # (*shape, 2, n_keys), strided

@@ -107,7 +107,7 @@ def _cpu_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable
     w = weights.reshape(-1, K).float().contiguous()  # (B, K)
     offsets = fixed_offsets(ids.shape[0], K, ids.device)  # (B + 1,)
     out = torch.empty(ids.shape[0], table.dim)  # (B, d)
-    codes, scales = table.codes.contiguous(), table.scales.contiguous()
+    codes, scales = table.codes.contiguous(), table.scales.float().contiguous()  # a model cast to bf16 casts scales too
     if table.bits == 8:
         cpu.parallel_for(cpu.kernel("bag_q8"), out.shape[0], cpu.ptr(codes), cpu.ptr(scales), table.dim, cpu.ptr(ids),
                          cpu.ptr(w), cpu.ptr(offsets), cpu.ptr(out))

@@ -125,9 +125,10 @@ def test_build_runs_configs(tmp_path):
     assert moe.model.moe_layers == demo.memory_layers and moe.model.memory_layers == ()
     assert (big.model.dim, big.model.n_layers) == (demo.big_dim, demo.big_layers)
     # value_lr scales as (slots / largest) ** exponent
-    assert mem64.optim.value_lr == pytest.approx(demo.optim.value_lr)
-    assert mem8.optim.value_lr == pytest.approx(demo.optim.value_lr * (64 / 4096) ** 0.5)
-    assert dense.optim == demo.optim
+    memory_optim = demo.optim_for("memory")  # the preset's shared optim with memory's tuned rates
+    assert mem64.optim.value_lr == pytest.approx(memory_optim.value_lr)
+    assert mem8.optim.value_lr == pytest.approx(memory_optim.value_lr * (64 / 4096) ** 0.5)
+    assert dense.optim == demo.optim_for("dense")
 
 
 def test_duplicate_memory_sizes_do_not_share_a_run_directory(tmp_path):

@@ -110,9 +110,11 @@ def test_demo_lrs_apply_per_kind_and_are_checked(tmp_path):
     from memlayers.demo import build_runs
 
     runs = {run.name: run.config.optim for run in build_runs(demo, _data(tmp_path), str(tmp_path), 700)}
-    assert runs["dense"].lr == 0.02 and runs["moe"].expert_lr == 0.05 and runs["moe"].lr == demo.optim.lr
+    preset = demo_config(True, ["peer=true"]).lrs  # the overrides change one rate each, the preset's others stay
+    assert runs["dense"].lr == 0.02 and runs["moe"].expert_lr == 0.05
+    assert runs["moe"].lr == preset.get("moe", {}).get("lr", demo.optim.lr)
     assert runs["memory-256x256"].value_lr == 0.04 and runs["peer"].value_lr == demo.optim.value_lr
-    assert runs["dense-big"] == demo.optim
+    assert runs["dense-big"] == dataclasses.replace(demo.optim, **preset.get("dense_big", {}))
     for override, key in (("lrs.big.lr=1", "lrs.big"), ("lrs.dense.value_lr=1", "lrs.dense.value_lr"),
                           ("lrs.moe.lr=0", "lrs.moe.lr")):
         with pytest.raises(ConfigError) as info:

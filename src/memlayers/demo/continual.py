@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from memlayers.config import check, load_config, to_dict
 from memlayers.continual.learn import METHODS, LearnConfig, learn
@@ -203,15 +204,19 @@ def run_continual(path: str | Path, out_dir: str | Path, overrides: list[str] = 
     heldout = pack_documents(tokenizer.encode_batch(read_documents(data.heldout)), demo.seq_len,
                              tokenizer.bos_id, tokenizer.eos_id)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for seed in range(config.seeds):
-        groups = new_fact_groups(world_a, config, seed)
-        for index, run in enumerate(pretrain):
-            checkpoint = summaries[index * config.seeds + seed]["checkpoint"]
-            methods = config.memory_methods if run.kind == "memory" else config.dense_methods
-            for method in methods:
-                torch.manual_seed(seed)
-                result = method_runs(checkpoint, run.kind, method, groups, old_qa, heldout, config, seed)
-                runs.setdefault((run.kind, method), []).append(result)
+    total = config.seeds * (len(config.memory_methods) + len(config.dense_methods))
+    with tqdm(total=total, unit="method", desc="continual", dynamic_ncols=True) as bar:
+        for seed in range(config.seeds):
+            groups = new_fact_groups(world_a, config, seed)
+            for index, run in enumerate(pretrain):
+                checkpoint = summaries[index * config.seeds + seed]["checkpoint"]
+                methods = config.memory_methods if run.kind == "memory" else config.dense_methods
+                for method in methods:
+                    bar.set_postfix_str(f"seed {seed}, {run.kind} {method}")
+                    torch.manual_seed(seed)
+                    result = method_runs(checkpoint, run.kind, method, groups, old_qa, heldout, config, seed)
+                    runs.setdefault((run.kind, method), []).append(result)
+                    bar.update()
     results = {
         "methods": [_summary(per_seed) for per_seed in runs.values()],
         "rounds": [{"model": kind, "name": method, "per_seed": per_seed} for (kind, method), per_seed in runs.items()],

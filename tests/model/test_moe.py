@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memlayers.model import MoEConfig, Transformer
-from memlayers.model.ffn import MoE
+from memlayers.model.ffn import MoE, expert_outputs, expert_outputs_reference, grouped_mm_supported
 
 
 def _moe(dim: int, hidden: int, seed: int = 0, dtype=torch.float64, **config) -> MoE:
@@ -180,3 +180,45 @@ def test_moe_in_transformer_receives_gradients(tiny_config):
     assert isinstance(moe, MoE)
     for param in (moe.router.weight, moe.w1, moe.w2, moe.w3):
         assert param.grad is not None and param.grad.abs().amax() > 0
+
+
+def _expert_inputs(counts: list[int], dim: int = 8, hidden: int = 12, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(7)
+    h = torch.randn(sum(counts), dim, dtype=dtype, generator=generator)
+    weights = [torch.randn(len(counts), *shape, dtype=dtype, generator=generator) * 0.5
+               for shape in ((hidden, dim), (hidden, dim), (dim, hidden))]
+    return h, weights, torch.tensor(counts)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2]])
+def test_grouped_expert_outputs_match_the_per_expert_loop(counts):
+    """The grouped matmuls against the loop they replace: outputs and every gradient, empty experts included."""
+    h, weights, counts = _expert_inputs(counts)
+    assert grouped_mm_supported(h, weights[0])
+    results = []
+    for run in (expert_outputs, expert_outputs_reference):
+        leaves = [t.clone().requires_grad_() for t in (h, *weights)]
+        out = run(*leaves, counts)
+        direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+        (out * direction).sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    assert results[1][0].abs().amax() > 0.1
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_takes_the_grouped_path_and_matches_the_naive_loop():
+    moe = _moe(8, 12, dtype=torch.float32, n_experts=5, top_k=2)
+    x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1))
+    assert grouped_mm_supported(x, moe.w1)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), _naive(moe, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "dim", "hidden", "expected"), [
+    (torch.float32, 8, 12, True), (torch.bfloat16, 8, 16, True), (torch.float32, 6, 12, False),
+    (torch.float32, 8, 5, False), (torch.float64, 8, 12, False)])
+def test_grouped_path_only_where_grouped_mm_takes_the_operands(dtype, dim, hidden, expected):
+    """Rows of 16-byte multiples in float32 / bfloat16 on the CPU; anything else runs the loop."""
+    moe = _moe(dim, hidden, dtype=dtype)
+    assert grouped_mm_supported(torch.zeros(1, dim, dtype=dtype), moe.w1) == expected

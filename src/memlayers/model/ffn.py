@@ -78,21 +78,50 @@ class MoE(nn.Module):
         order = experts.flatten().argsort(stable=True)  # (M*k,) assignments grouped by expert
         token = order // k  # (M*k,)
         weight = weights.flatten()[order].unsqueeze(-1)  # (M*k, 1)
-        counts = torch.bincount(experts.flatten(), minlength=self.config.n_experts).tolist()
-        # unbind, not w1[e]: indexing one expert gives a full-size zero gradient per expert
-        # in backward (quadratic in n_experts); unbind's backward stacks the slices once.
-        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        outputs = []
-        for e, (rows, mix) in enumerate(zip(token.split(counts), weight.split(counts), strict=True)):
-            if rows.numel() == 0:
-                continue
-            h = flat[rows]  # (m, dim)
-            h = F.silu(h @ w1[e].T) * (h @ w3[e].T)  # (m, hidden)
-            outputs.append((h @ w2[e].T) * mix.to(h.dtype))  # (m, dim)
-        out = torch.zeros_like(flat)  # (M, dim)
-        if outputs:
-            out.index_add_(0, token, torch.cat(outputs).to(flat.dtype))
+        counts = torch.bincount(experts.flatten(), minlength=self.config.n_experts)  # (E,)
+        run = expert_outputs if grouped_mm_supported(flat, self.w1) else expert_outputs_reference
+        routed = run(flat[token], self.w1, self.w3, self.w2, counts) * weight.to(flat.dtype)  # (M*k, dim)
+        out = torch.zeros_like(flat).index_add_(0, token, routed.to(flat.dtype))  # (M, dim)
         assigned = F.one_hot(experts, self.config.n_experts).sum(dim=(0, 1)).float()  # (E,)
         fraction = assigned / experts.numel()  # (E,)
         self.aux_loss = self.config.n_experts * (fraction * probs.mean(dim=0)).sum()
         return out.reshape(shape)
+
+
+def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: on the CPU float32 / bfloat16 / float16,
+    on CUDA bfloat16 from sm80 (its documented support), with rows whose bytes are multiples of 16."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    return all(size * x.element_size() % 16 == 0 for size in w1.shape[1:])
+
+
+def expert_outputs(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on rows grouped by expert: ``h`` (N, dim), rows of expert e contiguous and
+    ``counts[e]`` of them; ``w1``, ``w3`` (E, hidden, dim), ``w2`` (E, dim, hidden) -> (N, dim).
+
+    Three grouped matmuls for all experts at once, and no host sync (the group ends stay on
+    the device); see :func:`expert_outputs_reference` for the per-expert loop it replaces."""
+    ends = counts.cumsum(0).to(torch.int32)  # (E,)
+    gate = F.grouped_mm(h, w1.transpose(1, 2), offs=ends)  # (N, hidden)
+    up = F.grouped_mm(h, w3.transpose(1, 2), offs=ends)  # (N, hidden)
+    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)  # (N, dim)
+
+
+def expert_outputs_reference(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                             counts: torch.Tensor) -> torch.Tensor:
+    """:func:`expert_outputs` as a loop over experts (any dtype, shape and device)."""
+    # unbind, not w1[e]: indexing one expert gives a full-size zero gradient per expert
+    # in backward (quadratic in n_experts); unbind's backward stacks the slices once.
+    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
+    outputs = [h.new_zeros(0, w2.shape[1])]
+    for e, rows in enumerate(h.split(counts.tolist())):
+        if rows.numel():
+            outputs.append((F.silu(rows @ w1s[e].T) * (rows @ w3s[e].T)) @ w2s[e].T)  # (m, dim)
+    return torch.cat(outputs)

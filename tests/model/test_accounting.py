@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from memlayers.memory.config import MemoryConfig
 from memlayers.model import ModelConfig, MoEConfig, Transformer, count_flops, count_parameters
@@ -206,6 +206,13 @@ def test_count_matches_the_real_model(tiny_config, name):
     assert 0 < counts.active <= counts.total
 
 
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """The MoE's grouped matmuls, which FlopCounterMode does not count: (N, K) rows, each
+    against one group's (K, M) matrix of ``b`` (G, K, M)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
 @pytest.mark.parametrize(
     "name", ["dense_untied", "gqa", "moe", "shared_pool", "value_dim", "parallel", "everything"]
 )
@@ -219,7 +226,7 @@ def test_matmul_and_key_search_flops_match_torch_flop_counter(tiny_config, name)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(tokens)
     counted = counter.get_flop_counts()["Global"]
-    matmuls = sum(v for op, v in counted.items() if str(op) in ("aten.mm", "aten.addmm"))
+    matmuls = sum(v for op, v in counted.items() if str(op) in ("aten.mm", "aten.addmm", "aten._grouped_mm"))
     batched = sum(v for op, v in counted.items() if str(op) == "aten.bmm")
     flops = count_flops(config, seq_len=T)
     assert matmuls == T * flops.matmul

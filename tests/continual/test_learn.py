@@ -88,6 +88,20 @@ def test_lora_uses_peft_and_leaves_the_base_weights_untouched():
         assert torch.equal(now.get(name, now.get(wrapped)), weight), name
 
 
+def test_a_second_lora_round_trains_the_adapters_of_the_first():
+    """Rounds of new facts (demo --continual) learn one after another: the adapters are not
+    injected twice (peft would wrap its own LoRA modules), they learn on."""
+    pytest.importorskip("peft")
+    model = _model()
+    _run(model, "lora", lora_rank=4)
+    first = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _run(model, "lora", lora_rank=4)
+    second = dict(model.named_parameters())
+    assert second.keys() == first.keys()
+    changed = [name for name, p in second.items() if not torch.equal(p, first[name])]
+    assert changed and all("lora_" in name for name in changed)
+
+
 def test_what_cannot_work_is_refused():
     with pytest.raises(ValueError, match="needs background slot statistics"):
         learn(_model(), _new_text(), LearnConfig(method="sparse"), background=None, progress=False)

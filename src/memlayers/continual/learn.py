@@ -155,9 +155,11 @@ def learn(model: nn.Module, rows: torch.Tensor, config: LearnConfig, background:
         if config.method == "lora":
             from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-            model = inject_adapter_in_model(LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                target_modules=_lora_targets(model)), model).to(device)
+            # a model that learned with LoRA before (an earlier round) keeps training its adapters
+            if not any("lora_" in name for name, _ in model.named_parameters()):
+                model = inject_adapter_in_model(LoraConfig(
+                    r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                    target_modules=_lora_targets(model)), model).to(device)
             params = [p for name, p in model.named_parameters() if "lora_" in name]
         else:
             params = list(model.parameters())

@@ -13,6 +13,7 @@ from memlayers.data import (
     read_qa,
     write_jsonl,
 )
+from memlayers.data.text import write_text_atomic
 
 
 def write(path, text):
@@ -164,3 +165,14 @@ def test_documents_stream_one_at_a_time(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_bytes(b"one\r\nline two\r\n\r\n\r\nthree\r\n")
     assert list(iter_documents(text)) == ["one\nline two", "three"]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp's temp file is owner-only; the published file is readable as open(path, "w") makes it."""
+    import os
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = write_text_atomic(tmp_path / "atomic.txt", "y")
+    assert atomic.read_text() == "y"
+    assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from memlayers.data.text import DataError
+from memlayers.data.text import DataError, replace_atomic
 from memlayers.memory.layer import MemoryLayer
 
 FORMAT = "memlayers.slot_stats/1"
@@ -92,7 +92,7 @@ class SlotStats:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
+            replace_atomic(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

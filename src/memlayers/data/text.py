@@ -39,6 +39,15 @@ def qa_text(question: str, answer: str) -> str:
     return f"{qa_prompt(question)} {answer.strip()}"
 
 
+def replace_atomic(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temp file over ``path`` in one step, with the permissions a plain
+    ``open(path, "w")`` would give (``mkstemp`` makes files only their owner can read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temp file in the same folder and ``os.replace``.
 
@@ -52,7 +61,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
+        replace_atomic(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

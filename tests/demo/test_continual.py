@@ -72,11 +72,14 @@ def test_a_toy_continual_run_chooses_on_validation_and_writes_its_outputs(tmp_pa
         assert 0 <= row["new_em"] <= 1 and row["heldout_ppl_after"] > 1 and row["seeds"] == 1
         assert (row["patch_bytes"] is not None) == (row["name"] == "sparse")
     # the learning rates were chosen on validation people only: the test groups were scored after choosing
-    groups = new_fact_groups(generate_world(load_config_demo_facts(results)), ContinualConfig(
+    world_a = generate_world(load_config_demo_facts(results))
+    groups = new_fact_groups(world_a, ContinualConfig(
         **{k: v for k, v in results["config"]["continual"].items() if k not in ("preset", "demo_overrides")}), 0)
     validation = {q["person"] for q in groups["validation"].qa}
-    first_trial_scores = scored[:2]  # dense full's two trials come first
-    assert all(set(s) == validation for s in first_trial_scores)
+    old = {q["person"] for q in world_a.qa_pairs("seen")[:10]}
+    first_trials = scored[:4]  # dense full's two trials come first: the validation group's questions, then A's
+    assert [set(s) for s in first_trials] == [validation, old] * 2
+    assert all("old_em" in t for rounds in results["rounds"] for t in rounds["per_seed"][0]["lr_trials"])
     assert markdown(results) in (out / "continual.md").read_text()
     assert (out / "continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

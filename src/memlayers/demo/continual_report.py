@@ -55,10 +55,47 @@ def retention(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
+def tradeoff(results: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """Per model and method, every learning rate of its grid on the validation group: ``lr``,
+    ``new_em`` (the group's questions) and ``lost`` (fraction of A's EM lost), means over seeds.
+    This is forgetting against learning at matched learning, whichever rate the selection kept."""
+    curves = {}
+    for entry in results["rounds"]:
+        runs = entry["per_seed"]
+        if not all("old_em" in t for run in runs for t in run["lr_trials"]):
+            continue
+        before = estimate([run["old_em_before"] for run in runs]).mean
+        points = []
+        for index, trial in enumerate(runs[0]["lr_trials"]):
+            new = estimate([run["lr_trials"][index]["validation_em"] for run in runs]).mean
+            old = estimate([run["lr_trials"][index]["old_em"] for run in runs]).mean
+            points.append({"lr": trial["lr"], "new_em": new, "old_em": old,
+                           "lost": (before - old) / before if before > 0 else float("nan")})
+        curves[f"{entry['model']} {entry['name']}"] = points
+    return curves
+
+
+def tradeoff_markdown(results: dict[str, Any]) -> str:
+    """The trade-off table: one row per model and method, one cell per learning rate."""
+    lines = ["| model method | learning rate: EM on the validation group's facts / A's EM lost |", "|---|---|"]
+    for name, points in tradeoff(results).items():
+        cells = ", ".join(f"{p['lr']:g}: {p['new_em']:.0%} / {p['lost']:.0%}" for p in points)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
 def plot_continual(results: dict[str, Any], path: str | Path) -> Path:
-    """Left: forgetting (A's EM lost) against learning (new EM) per method, error bars over seeds.
-    Right: A's EM after each round of new facts."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Left: forgetting (A's EM lost) against learning (new EM) per method at every learning rate of
+    its grid (validation group). Middle: the same at the chosen rate on the first round, error bars
+    over seeds. Right: A's EM after each round of new facts."""
+    fig, (grid, left, right) = plt.subplots(1, 3, figsize=(16, 4.4))
+    for name, points in tradeoff(results).items():
+        grid.plot([p["new_em"] for p in points], [p["lost"] for p in points],
+                  marker="o" if name.startswith("memory") else "s", label=name)
+    grid.set_xlabel("learned: EM on the validation group's facts")
+    grid.set_ylabel("forgotten: fraction of A's EM lost")
+    grid.set_title("every learning rate of the grid", fontsize=10)
+    grid.legend(fontsize=8)
     for r in results["methods"]:
         lost = forgetting(r)
         spread = r["old_em_after_spread"] / r["old_em_before"] if r["old_em_before"] > 0 else 0.0
@@ -66,17 +103,19 @@ def plot_continual(results: dict[str, Any], path: str | Path) -> Path:
                       capsize=3, label=_label(r))
     left.set_xlabel("learned: EM on the new facts")
     left.set_ylabel("forgotten: fraction of A's EM lost")
-    left.xaxis.set_major_formatter(PercentFormatter(1.0))
-    left.yaxis.set_major_formatter(PercentFormatter(1.0))
-    left.set_title("one round of new facts", fontsize=10)
+    left.set_title("the chosen rate, first round", fontsize=10)
     for name, curve in retention(results).items():
         rounds = range(1, len(curve["mean"]) + 1)
         right.errorbar(rounds, curve["mean"], yerr=curve["spread"], marker="o", capsize=3, label=name)
+    right.set_xticks(range(1, results["config"]["continual"]["rounds"] + 1))
     right.set_xlabel("rounds of new facts learned")
     right.set_ylabel("EM on A's questions")
     right.yaxis.set_major_formatter(PercentFormatter(1.0))
     right.set_title("continual learning", fontsize=10)
-    for ax in (left, right):
+    for ax in (grid, left):
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    for ax in (grid, left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
     fig.tight_layout()
@@ -101,6 +140,11 @@ def write_continual(results: dict[str, Any], out_dir: str | Path, preset: str) -
         f"first round, mean ± spread over {results['seeds']} seeds.",
         "",
         markdown(results),
+        "",
+        "Every learning rate of each grid on the validation group (the selection keeps the one that learns "
+        "most; this shows what each method forgets at a given level of learning):",
+        "",
+        tradeoff_markdown(results),
         "",
         "![forgetting against learning](continual.png)",
         "",

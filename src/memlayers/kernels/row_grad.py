@@ -148,9 +148,16 @@ class RowGrad:
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The gradient as a dense ``(n_rows, dim)`` tensor (what a dense optimizer needs)."""
-        rows, grads = self.rows()
-        dense = torch.zeros(self.n_rows, self.dim, dtype=grads.dtype, device=grads.device)
-        dense.index_copy_(0, rows, grads)  # rows are unique
+        seg = self.segments()
+        # one bag per table row, empty for untouched ones: the kernel writes every row once
+        # (zeros included) instead of summing into (U, dim) and copying into a zero-filled table
+        counts = torch.zeros(self.n_rows, dtype=torch.long, device=seg.offsets.device)  # (N,)
+        counts[seg.rows] = seg.offsets.diff()
+        offsets = torch.zeros(self.n_rows + 1, dtype=torch.long, device=counts.device)  # (N + 1,)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        dense = self.ops.bag(seg.grad_out, seg.bags, seg.weights, offsets)  # (N, dim) float32
+        if self.scale != 1.0:
+            dense.mul_(self.scale)
         return dense if dtype is None else dense.to(dtype)
 
 

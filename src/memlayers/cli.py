@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -75,8 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(RunConfig, args.config, args.overrides)
     trainer = Trainer(config, resume=args.resume_from or args.resume, overwrite=args.overwrite)
     summary = trainer.fit()
+    rank = trainer.rank
+    # drop the model, its DTensors and mesh before the process group goes: a group they keep
+    # alive past destroy_process_group is torn down during interpreter exit, where gloo's
+    # threads can abort the process (seen once at the end of a torchrun test under load)
+    del trainer
+    gc.collect()
     shutdown()  # a distributed run leaves together; nothing to do in one process
-    if trainer.rank == 0:
+    if rank == 0:
         print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
         print(f"checkpoint   {summary['checkpoint']}")
     return 0

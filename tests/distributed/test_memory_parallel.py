@@ -46,8 +46,11 @@ def test_matches_one_process(tmp_path, nproc, memory_parallel, table_grad, varia
             assert diff < TOL, (result["rank"], key, diff)
         for distributed, single in result["training"]["losses"]:
             assert abs(distributed - single) < 1e-5, result["training"]["losses"]
+        # AdamW at lr 1e-2 moves each weight up to 1e-2 a step whatever the gradient's size, so the
+        # rounding of differently ordered sums in a near-zero gradient can show as ~1e-5 (it did, on one
+        # machine, deterministically); a wrong gradient shows as ~1e-2
         for name, diff in result["training"]["param_diffs"].items():
-            assert diff < 1e-5, (result["rank"], name, diff)
+            assert diff < 1e-4, (result["rank"], name, diff)
     # every rank saw the same global losses
     assert len({json.dumps(r["training"]["losses"]) for r in results}) == 1
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memlayers.kernels import cpu, embedding_bag, embedding_dot, row_update, triton_bag
-from memlayers.kernels.bag_ops import CpuOps, TorchOps, TritonOps
-from memlayers.kernels.row_grad import RowGrad, row_grad_of
+from memlayers.kernels.backends import CpuOps, TorchOps, TritonOps
+from memlayers.kernels.embedding_bag import RowGrad, row_grad_of
 
 N, D = 13, 6
 BACKENDS = ["reference", "torch", "torch_rows", "cpu", "triton", "triton_atomic", "auto"]

@@ -6,8 +6,8 @@ import importlib
 import pytest
 import torch
 
-from memlayers.kernels import BACKENDS, cpu, embedding_bag, embedding_bag_reference, embedding_dot
-from memlayers.kernels.row_grad import row_grad_of
+from memlayers.kernels import BACKENDS, backends, cpu, embedding_bag, embedding_bag_reference, embedding_dot
+from memlayers.kernels.embedding_bag import row_grad_of
 
 eb_module = importlib.import_module("memlayers.kernels.embedding_bag")  # the package re-exports the function's name
 
@@ -44,7 +44,7 @@ def random_case(dtype, lead=(3, 4), bag=6, rows=10, dim=5, seed=0):
 
 
 def skip_unavailable(backend):
-    if backend.startswith("triton") and not eb_module.triton_available():
+    if backend.startswith("triton") and not backends.triton_available():
         pytest.skip("triton is not installed")
     if backend == "cpu" and not cpu.available():
         pytest.skip("no C compiler for the CPU kernels")
@@ -158,12 +158,12 @@ def test_embedding_dot_matches_a_loop_with_both_gradients(backend, table_grad):
 
 def test_auto_picks_the_cpu_kernels_and_falls_back_to_torch(monkeypatch):
     table = torch.randn(4, 3)
-    assert eb_module.resolve_backend("auto", table) == ("cpu" if cpu.available() else "torch")
-    assert eb_module.resolve_backend("auto", table.double()) == "torch"
-    assert eb_module.resolve_backend("auto", table.double(), "rows") == "torch_rows"
+    assert backends.resolve_backend("auto", table) == ("cpu" if cpu.available() else "torch")
+    assert backends.resolve_backend("auto", table.double()) == "torch"
+    assert backends.resolve_backend("auto", table.double(), "rows") == "torch_rows"
     monkeypatch.setattr(cpu, "available", lambda: False)
-    assert eb_module.resolve_backend("auto", table) == "torch"
-    assert eb_module.resolve_backend("torch_rows", table) == "torch_rows"
+    assert backends.resolve_backend("auto", table) == "torch"
+    assert backends.resolve_backend("torch_rows", table) == "torch_rows"
 
 
 def test_bad_inputs_raise_clear_errors():

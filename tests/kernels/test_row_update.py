@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memlayers.kernels import cpu, embedding_bag, row_update
-from memlayers.kernels.bag_ops import CpuOps, TorchOps
-from memlayers.kernels.row_grad import RowGrad, row_grad_of
+from memlayers.kernels.backends import CpuOps, TorchOps
+from memlayers.kernels.embedding_bag import RowGrad, row_grad_of
 
 needs_c = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
 N, D = 40, 12

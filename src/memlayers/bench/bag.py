@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from memlayers.bench.timing import time_ms
 from memlayers.kernels import embedding_bag, row_grad_of
-from memlayers.kernels.embedding_bag import OPS, resolve_backend
+from memlayers.kernels.backends import OPS, resolve_backend
 
 TARGET_RATIO = 3.0
 TARGET_BANDWIDTH = 0.7
@@ -98,8 +98,8 @@ def copy_bandwidth(n_bytes: int, device: torch.device, repeat: int = 5) -> float
 
 def bench_bag_bandwidth(shape: BagShape, device: torch.device, repeat: int = 10) -> dict:
     """(d): achieved bandwidth of each kernel as a fraction of copy bandwidth (GPU)."""
-    from memlayers.kernels.bag_ops import fixed_offsets
-    from memlayers.kernels.row_grad import RowGrad
+    from memlayers.kernels.embedding_bag import RowGrad
+    from memlayers.kernels.lookups import fixed_offsets
 
     table, ids, weights, grad_out = make_inputs(shape, device)
     backend = resolve_backend("auto", table, "rows")

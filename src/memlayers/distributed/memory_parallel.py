@@ -35,9 +35,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from memlayers.config import ConfigError
 from memlayers.distributed.comm import all_gather_rows, all_to_all_rows, collective, gather_sizes
-from memlayers.kernels.bag_ops import TorchOps, fixed_offsets
-from memlayers.kernels.embedding_bag import OPS, over_bags, resolve_backend
-from memlayers.kernels.row_grad import read_table_grad, row_grad_of
+from memlayers.kernels.backends import ops_for
+from memlayers.kernels.embedding_bag import over_bags, read_table_grad, row_grad_of
+from memlayers.kernels.lookups import fixed_offsets
 
 
 def gather_ids(ids: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -131,7 +131,7 @@ def _local_ops(table: torch.Tensor, backend: str, table_grad: str, detach_rows: 
     if not isinstance(table, DTensor):
         raise TypeError("a memory-parallel read needs the table as a DTensor (see shard_values)")
     local = table.to_local().detach() if table_grad == "rows" and detach_rows else table.to_local()  # (N, d/M)
-    return local, OPS.get(resolve_backend(backend, local, table_grad), TorchOps)
+    return local, ops_for(backend, local, table_grad)
 
 
 class MemoryParallelReader:

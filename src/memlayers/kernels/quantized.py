@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from memlayers.kernels import cpu
-from memlayers.kernels.bag_ops import check_ids, fixed_offsets
+from memlayers.kernels.lookups import check_ids, fixed_offsets
 
 BITS = (8, 4)
 BACKENDS = ("reference", "cpu")

@@ -34,7 +34,7 @@ under very skewed key distributions.
 Imports cleanly without triton; :data:`AVAILABLE` says whether the kernels
 exist. On CPU tensors the kernels run only under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before this module is imported). ``ids`` and
-``inverse`` are range-checked by :func:`~memlayers.kernels.bag_ops.check_ids`
+``inverse`` are range-checked by :func:`~memlayers.kernels.lookups.check_ids`
 (on CUDA a device-side assertion, no host sync); ``offsets`` only on the CPU
 (on CUDA their callers build them).
 """
@@ -45,7 +45,7 @@ import operator
 
 import torch
 
-from memlayers.kernels.bag_ops import check_ids, check_offsets
+from memlayers.kernels.lookups import check_ids, check_offsets
 
 try:
     import triton

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from memlayers.config import check
-from memlayers.kernels.row_grad import row_grad_of
+from memlayers.kernels.embedding_bag import row_grad_of
 from memlayers.train.row_optim import ROW_OPTIMIZERS, RowAdagrad, RowAdamW
 
 VALUE_PARAM = re.compile(r"(^|\.)(memory_pool|pool)\.(values|up)$")

@@ -27,7 +27,7 @@ import torch
 
 from memlayers.distributed.comm import sum_over
 from memlayers.kernels import row_update
-from memlayers.kernels.row_grad import RowGrad, row_grad_of
+from memlayers.kernels.embedding_bag import RowGrad, row_grad_of
 
 
 def local(param: torch.Tensor) -> torch.Tensor:

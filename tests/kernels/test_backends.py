@@ -89,7 +89,7 @@ def test_row_updates_match_the_reference(ops, update):
     mine = [table.clone(), *(s.clone() for s in states)]
     getattr(ops, update)(*mine, row_grad(ops), *hyper)
     getattr(TorchOps, update)(table, *states, row_grad(TorchOps), *hyper)
-    for a, b in zip(mine, [table, *states]):
+    for a, b in zip(mine, [table, *states], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     touched = row_grad(TorchOps).rows()[0]
     assert (mine[0][touched] - original[touched]).abs().min() > 0  # every touched row moved

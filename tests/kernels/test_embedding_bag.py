@@ -6,7 +6,14 @@ import importlib
 import pytest
 import torch
 
-from memlayers.kernels import BACKENDS, backends, cpu, embedding_bag, embedding_bag_reference, embedding_dot
+from memlayers.kernels import (
+    BACKENDS,
+    backends,
+    cpu,
+    embedding_bag,
+    embedding_bag_reference,
+    embedding_dot,
+)
 from memlayers.kernels.embedding_bag import row_grad_of
 
 eb_module = importlib.import_module("memlayers.kernels.embedding_bag")  # the package re-exports the function's name

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from memlayers.kernels import cpu
+from memlayers.kernels.backends import triton_available
 
 BACKENDS = ("reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,13 +98,6 @@ class _FusedTopk(torch.autograd.Function):
         out[:, 0].scatter_add_(-1, sub1, grad)
         out[:, 1].scatter_add_(-1, sub2, grad)
         return out.to(ctx.dtype).reshape(ctx.shape), None, None
-
-
-def triton_available() -> bool:
-    """True when Triton imports (it runs on CUDA, or anywhere with ``TRITON_INTERPRET=1``)."""
-    from memlayers.kernels import triton_search
-
-    return triton_search.AVAILABLE
 
 
 def resolve_search_backend(backend: str, scores: torch.Tensor, knn: int) -> str:

@@ -6,6 +6,7 @@ import torch
 from memlayers.kernels import cpu
 from memlayers.kernels.search import (
     MAX_CPU_KNN,
+    product_key_search,
     product_key_topk,
     product_key_topk_reference,
     resolve_search_backend,
@@ -102,6 +103,39 @@ def test_c_search_takes_half_precision_and_ranks_in_float32():
     torch.testing.assert_close(own.bfloat16(), scores, rtol=0, atol=0)
 
 
+def selected_scores(q, keys, slots):
+    """The returned slots' scores q1 . K1[i] + q2 . K2[j], with plain autograd ops."""
+    n_keys = keys.shape[2]
+    heads = torch.arange(keys.shape[0]).view(-1, 1)  # (H, 1) broadcasts over (..., H, knn)
+    k1, k2 = keys[heads, 0, slots // n_keys], keys[heads, 1, slots % n_keys]  # (..., H, knn, d) each
+    return (k1 * q[..., 0, None, :]).sum(-1) + (k2 * q[..., 1, None, :]).sum(-1)  # (..., H, knn)
+
+
+@pytest.mark.parametrize("backend,lead,n_keys,knn", [
+    ("cpu", (3, 5), 16, 3), ("cpu", (40,), 64, 32), ("cpu", (2, 3), 8, 8), ("triton", (2, 3), 12, 3),
+])
+def test_sparse_search_backward_equals_the_dense_one(backend, lead, n_keys, knn):
+    if backend == "cpu" and not cpu.available() or backend == "triton" and not triton_available():
+        pytest.skip(f"search backend {backend} is not available here")
+    torch.manual_seed(n_keys + knn)
+    heads, half = 3, 5
+    q = torch.randn(*lead, heads, 2, half, requires_grad=True)
+    keys = torch.randn(heads, 2, n_keys, half, requires_grad=True)
+    scores, slots = product_key_search(q, keys, knn, backend)
+    ref_scores, ref_slots = product_key_search(q, keys, knn, "reference")
+    assert scores.shape == slots.shape == (*lead, heads, knn)
+    agree = (slots == ref_slots).all(-1)  # rows without ties
+    assert agree.float().mean() > 0.9
+    torch.testing.assert_close(scores[agree], ref_scores[agree])
+    # the gradient of the selected scores only, reached through the sub-keys they read
+    grad = torch.randn_like(scores)
+    ours = torch.autograd.grad(scores, (q, keys), grad)
+    theirs = torch.autograd.grad(selected_scores(q, keys, slots), (q, keys), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+        assert b.abs().sum() > 0
+
+
 def test_auto_and_bad_requests():
     s = torch.randn(4, 2, 32)
     expected = "cpu" if cpu.available() else "reference"
@@ -116,6 +150,10 @@ def test_auto_and_bad_requests():
         product_key_topk(torch.randn(4, 3, 32), 4)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16 CPU scores"):
         product_key_topk(s.double(), 4, "cpu")
+    with pytest.raises(ValueError, match=r"must be \(..., H, 2, d\) and \(H, 2, n_keys, d\)"):
+        product_key_search(torch.randn(4, 2, 2, 8), torch.randn(3, 2, 16, 8), 4)
+    with pytest.raises(ValueError, match="knn must be in"):
+        product_key_search(torch.randn(4, 3, 2, 8), torch.randn(3, 2, 16, 8), 17)
 
 
 @needs_c

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from memlayers.kernels import cpu
-from memlayers.kernels.backends import triton_available
+from memlayers.kernels.backends import ops_for, triton_available
+from memlayers.kernels.embedding_bag import read_table_grad
+from memlayers.kernels.lookups import fixed_offsets
 
 BACKENDS = ("reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,24 +72,30 @@ def _triton_topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
 KERNELS = {"cpu": _cpu_topk, "triton": _triton_topk}
 
 
+def _select(scores: torch.Tensor, knn: int, backend: str) -> tuple[torch.Tensor, ...]:
+    """A fast backend's selection from half scores ``(..., H, 2, n_keys)``: slot scores
+    (float32), slot ids and both halves' sub-key ids, each ``(P * H, knn)`` with rows ``(p, h)``."""
+    lead, n_keys = scores.shape[:-2], scores.shape[-1]
+    heads = lead[-1] if lead else 1
+    # rows (p, h): the leading dims but the last merge into p, which a view can do for the
+    # layouts the search produces (heads outermost in memory); anything else is copied
+    s = scores.detach().float().reshape(-1, heads, 2, n_keys)  # (P, H, 2, n_keys)
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    return KERNELS[backend](s, knn)
+
+
 class _FusedTopk(torch.autograd.Function):
     """A fast backend's selection, with the backward that scatters the selected scores' gradient."""
 
     @staticmethod
     def forward(ctx, scores, knn, backend):  # noqa: D102 (autograd hook)
-        lead, n_keys = scores.shape[:-2], scores.shape[-1]
-        heads = lead[-1] if lead else 1
-        # rows (p, h): the leading dims but the last merge into p, which a view can do for the
-        # layouts the search produces (heads outermost in memory); anything else is copied
-        s = scores.detach().float().reshape(-1, heads, 2, n_keys)  # (P, H, 2, n_keys)
-        if s.stride(-1) != 1:
-            s = s.contiguous()
-        out, slots, sub1, sub2 = KERNELS[backend](s, knn)  # (P * H, knn) each
+        out, slots, sub1, sub2 = _select(scores, knn, backend)  # (P * H, knn) each
         ctx.save_for_backward(sub1, sub2)
         ctx.shape, ctx.dtype = scores.shape, scores.dtype
-        slots = slots.reshape(*lead, knn)
+        slots = slots.reshape(*scores.shape[:-2], knn)
         ctx.mark_non_differentiable(slots)
-        return out.to(scores.dtype).reshape(*lead, knn), slots
+        return out.to(scores.dtype).reshape(*scores.shape[:-2], knn), slots
 
     @staticmethod
     def backward(ctx, grad_scores, _):  # noqa: D102 (autograd hook)
@@ -98,6 +106,55 @@ class _FusedTopk(torch.autograd.Function):
         out[:, 0].scatter_add_(-1, sub1, grad)
         out[:, 1].scatter_add_(-1, sub2, grad)
         return out.to(ctx.dtype).reshape(ctx.shape), None, None
+
+
+def half_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Every sub-key's score ``(..., H, 2, n_keys)`` from queries ``(..., H, 2, k_dim/2)``
+    and sub-keys ``(H, 2, n_keys, k_dim/2)``."""
+    return torch.einsum("...hpd,hpnd->...hpn", q, keys)  # (..., H, 2, n_keys)
+
+
+class _SparseSearch(torch.autograd.Function):
+    """Scores, a fast backend's selection, and a backward that reads only the selected sub-keys.
+
+    The selected slot's score is ``q1 . K1[i] + q2 . K2[j]``, so its gradient reaches
+    the queries as a bag of the selected sub-keys and the sub-keys as a row gradient
+    (the embedding-bag ops of :mod:`memlayers.kernels.backends`), instead of a dense
+    ``(..., n_keys)`` score gradient multiplied back through both matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, knn, backend):  # noqa: D102 (autograd hook)
+        scores = half_scores(q, keys)  # (..., H, 2, n_keys)
+        out, slots, sub1, sub2 = _select(scores, knn, backend)  # (R = P * H, knn) each
+        H, _, n_keys, half = keys.shape
+        head_base = (torch.arange(sub1.shape[0], device=sub1.device) % H).mul_(2 * n_keys).unsqueeze(1)  # (R, 1)
+        ids = torch.stack([sub1 + head_base, sub2 + head_base + n_keys], dim=1)  # (R, 2, knn): rows of keys as (H*2*n_keys, half)
+        ctx.save_for_backward(q, keys, ids)
+        lead = scores.shape[:-2]
+        slots = slots.reshape(*lead, knn)
+        ctx.mark_non_differentiable(slots)
+        return out.to(scores.dtype).reshape(*lead, knn), slots
+
+    @staticmethod
+    def backward(ctx, grad_scores, _):  # noqa: D102 (autograd hook)
+        q, keys, ids = ctx.saved_tensors
+        H, _, n_keys, half = keys.shape
+        R, knn = ids.shape[0], ids.shape[2]
+        table = keys.reshape(H * 2 * n_keys, half)  # (H*2*n_keys, half)
+        ops = ops_for("auto", table)
+        flat_ids = ids.reshape(R * 2, knn)  # (2R, knn): both halves of a row read with its score gradient
+        weights = grad_scores.reshape(R, 1, knn).float().expand(R, 2, knn).reshape(R * 2, knn)  # (2R, knn)
+        grad_q = grad_keys = None
+        if ctx.needs_input_grad[0]:
+            offsets = fixed_offsets(R * 2, knn, ids.device)
+            grad_q = ops.bag(table, flat_ids.reshape(-1), weights.reshape(-1), offsets)  # (2R, half)
+            grad_q = grad_q.to(q.dtype).reshape(q.shape)
+        if ctx.needs_input_grad[1]:
+            x = q.reshape(R * 2, half).to(torch.promote_types(q.dtype, torch.float32))  # (2R, half)
+            grad_keys = read_table_grad("dense", None, table.shape[0], flat_ids, weights, x, ops, keys.dtype)
+            grad_keys = grad_keys.reshape(keys.shape)
+        return grad_q, grad_keys, None, None
 
 
 def resolve_search_backend(backend: str, scores: torch.Tensor, knn: int) -> str:
@@ -139,3 +196,18 @@ def product_key_topk(scores: torch.Tensor, knn: int, backend: str = "auto") -> t
     if name == "reference":
         return product_key_topk_reference(scores, knn)
     return _FusedTopk.apply(scores, knn, name)
+
+
+def product_key_search(q: torch.Tensor, keys: torch.Tensor, knn: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Score queries ``(..., H, 2, k_dim/2)`` against sub-keys ``(H, 2, n_keys, k_dim/2)`` and
+    select the exact top-``knn`` slots: :func:`product_key_topk` of :func:`half_scores`, with a
+    backward that touches only the selected sub-keys on the fast backends (the reference
+    differentiates the dense scores). Returns ``(slot_scores, ids)``, each ``(..., H, knn)``."""
+    if q.dim() < 3 or keys.dim() != 4 or q.shape[-3:] != (keys.shape[0], 2, keys.shape[-1]):
+        raise ValueError(f"queries {tuple(q.shape)} and sub-keys {tuple(keys.shape)} must be (..., H, 2, d) and (H, 2, n_keys, d)")
+    if not 1 <= knn <= keys.shape[2]:
+        raise ValueError(f"knn must be in [1, n_keys = {keys.shape[2]}], got {knn}")
+    name = resolve_search_backend(backend, q, knn)
+    if name == "reference":
+        return product_key_topk_reference(half_scores(q, keys), knn)
+    return _SparseSearch.apply(q, keys, knn, name)

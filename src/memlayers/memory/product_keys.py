@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlayers.kernels.search import product_key_topk
+from memlayers.kernels.search import half_scores, product_key_search
 from memlayers.memory.config import MemoryConfig
 
 
@@ -42,9 +42,9 @@ class ProductKeySearch(nn.Module):
         bound = 1.0 / math.sqrt(self.config.k_dim)
         nn.init.uniform_(self.keys, -bound, bound)
 
-    def half_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores of every sub-key of both halves, ``(..., heads, 2, n_keys)`` (one batched
-        product: slicing the halves apart first would cost a zero-filled gradient each)."""
+    def queries_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``(..., heads, 2, k_dim/2)`` and sub-keys ``(heads, 2, n_keys, k_dim/2)``
+        as they are scored (normalised with qk-norm, keys in the queries' dtype)."""
         cfg = self.config
         q = self.query_proj(x)  # (..., heads * k_dim)
         q = q.view(*x.shape[:-1], cfg.heads, 2, cfg.k_dim // 2)  # (..., heads, 2, k_dim/2)
@@ -52,7 +52,11 @@ class ProductKeySearch(nn.Module):
         if cfg.qk_norm:
             q = F.normalize(q, dim=-1)
             keys = F.normalize(keys, dim=-1)
-        return torch.einsum("...hpd,hpnd->...hpn", q, keys.to(q.dtype))  # (..., heads, 2, n_keys)
+        return q, keys.to(q.dtype)
+
+    def half_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of every sub-key of both halves, ``(..., heads, 2, n_keys)``."""
+        return half_scores(*self.queries_and_keys(x))  # (..., heads, 2, n_keys)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-knn slots per head.
@@ -64,7 +68,7 @@ class ProductKeySearch(nn.Module):
             ``(scores, indices)``, each ``(..., heads, knn)``: the raw dot-product
             scores in descending order and the slot ids in ``[0, n_keys**2)``.
         """
-        return product_key_topk(self.half_scores(x), self.config.knn, self.backend)
+        return product_key_search(*self.queries_and_keys(x), self.config.knn, self.backend)
 
     def slot_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Brute-force score of every slot, ``(..., heads, n_keys**2)``.

@@ -15,14 +15,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Order-preserving key of a float (larger float, larger key; NaN above +inf, as
- * torch.topk ranks it), with the sub-key id below it so that keys are distinct
- * and equal scores rank the lower id first. */
-static inline uint64_t sort_key(float f, int64_t id) {
+#define MAX_KNN 1024
+
+/* Order-preserving 32-bit key of a float: larger float, larger key; NaN above
+ * +inf, as torch.topk ranks it. */
+static inline uint32_t float_key(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return ((uint64_t)u << 32) | (uint32_t)~(uint32_t)id;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The float's key with the sub-key id below it, so that keys are distinct and
+ * equal scores rank the lower id first. */
+static inline uint64_t sort_key(uint32_t key, int64_t id) {
+    return ((uint64_t)key << 32) | (uint32_t)~(uint32_t)id;
 }
 
 static void sort_descending(uint64_t *x, int64_t n) { /* insertion sort: n is small */
@@ -39,13 +45,35 @@ static inline uint64_t median3(uint64_t a, uint64_t b, uint64_t c) {
     return c < a ? a : (c > b ? b : c);
 }
 
-/* The k largest of s[0..n) into val/idx in descending order. Quickselect over
- * the keys with a branchless partition (a data-dependent branch per element,
- * as a heap of the best k takes, mispredicts often on scores), then the k
- * winners sorted. buf holds n keys. */
+/* The k largest of s[0..n) into val/idx in descending order.
+ *
+ * First a threshold that cannot exclude a winner: split the scores into k
+ * groups (i mod k) and take the smallest of the k group maxima. Those maxima
+ * are k distinct scores >= it, so the k-th largest score is too, and only the
+ * scores >= it (about 3k of 256 for random scores) are candidates. The group
+ * maxima are one vectorised pass. Then quickselect over the candidates' keys
+ * with a branchless partition (a data-dependent branch per element, as a heap
+ * of the best k takes, mispredicts often on scores), and the k winners
+ * sorted. buf holds n keys. */
 static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, float *val, int64_t *idx) {
-    for (int64_t i = 0; i < n; i++) buf[i] = sort_key(s[i], i);
-    int64_t lo = 0, hi = n;
+    uint32_t group_max[MAX_KNN];
+    for (int64_t j = 0; j < k; j++) group_max[j] = 0;
+    for (int64_t base = 0; base < n; base += k) {
+        int64_t width = n - base < k ? n - base : k;
+        for (int64_t j = 0; j < width; j++) {
+            uint32_t v = float_key(s[base + j]);
+            group_max[j] = v > group_max[j] ? v : group_max[j];
+        }
+    }
+    uint32_t threshold = group_max[0];
+    for (int64_t j = 1; j < k; j++) threshold = group_max[j] < threshold ? group_max[j] : threshold;
+    int64_t hi = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t v = float_key(s[i]);
+        buf[hi] = sort_key(v, i);
+        hi += v >= threshold;
+    }
+    int64_t lo = 0;
     while (hi - lo > 16) {
         uint64_t p = median3(buf[lo], buf[lo + (hi - lo) / 2], buf[hi - 1]);
         int64_t m = lo;
@@ -96,8 +124,6 @@ static pair_t heap_pop(pair_t *heap, int64_t *size) {
     heap[pos] = last;
     return top;
 }
-
-#define MAX_KNN 1024
 
 /* Row r = p * heads + h of the scores, for r in [start, stop): its first half
  * starts at s + p * stride_p + h * stride_h and its second half stride_half

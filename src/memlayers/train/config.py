@@ -29,6 +29,10 @@ class DataConfig:
 
     train: str | None = None
     """Training text: a .txt file (blank-line separated documents) or .jsonl (``text_field``)."""
+    shards: str | None = None
+    """A directory of token shards written by ``memlayers tokenize`` (instead of ``train``):
+    batches stream from memory-mapped shards, its ``heldout`` split (if any) gives the held-out
+    loss, and its tokenizer is the run's. Memory and start-up time do not grow with the corpus."""
     heldout: str | None = None
     """Held-out text for perplexity (.txt or .jsonl)."""
     qa: dict[str, str] | str | None = None
@@ -57,6 +61,8 @@ class DataConfig:
         check(300 <= self.vocab_size <= MAX_VOCAB, "vocab_size",
               f"must be in [300, {MAX_VOCAB}] (256 bytes + specials + merges), got {self.vocab_size}")
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        check(self.shards is None or self.train is None, "shards",
+              "data.shards and data.train are two sources of training text; set one of them")
 
 
 @dataclass

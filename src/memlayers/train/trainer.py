@@ -15,11 +15,9 @@ import dataclasses
 import math
 import random
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from memlayers.config import ConfigError, to_dict
-from memlayers.data.facts import generate_world, world_paths, write_world
 from memlayers.data.packing import BatchIterator, DocumentBatchIterator, pack_documents
-from memlayers.data.text import DataError, read_documents, read_qa
-from memlayers.data.tokenizer import Tokenizer
+from memlayers.data.stream import ShardBatches
 from memlayers.device import pick_device
 from memlayers.distributed import (
     barrier,
@@ -64,6 +60,7 @@ from memlayers.train.checkpoint import (
 )
 from memlayers.train.checkpoint_write import recover
 from memlayers.train.config import RunConfig
+from memlayers.train.data import prepare_data
 from memlayers.train.metrics import MetricsLogger
 from memlayers.train.optim import (
     build_optimizer,
@@ -88,77 +85,6 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to do."""
-
-
-WORLD_QA_SETS = {"recall": "seen", "extraction": "test"}
-"""The QA sets a run scores on its generated fact world: set name -> split (sets of empty splits
-are left out). The validation split is for tuning: ``data.qa.validation=RUN/data/qa_validation.jsonl``."""
-
-
-@dataclass
-class PreparedData:
-    """Tokenised, packed data of a run."""
-
-    tokenizer: Tokenizer
-    tokenizer_path: Path
-    train_docs: list[list[int]]
-    """Tokenised training documents (packed afresh every epoch)."""
-    heldout_rows: torch.Tensor | None
-    qa_sets: dict[str, list[dict]]
-    """Question/answer pairs of each named QA set (``data.qa``, or the fact world's splits)."""
-    files: dict[str, Path | None]
-    """The files read: train, heldout, ``qa.<name>`` and tokenizer (what a resume fingerprints)."""
-
-
-def prepare_data(config: RunConfig, run_dir: Path, write: bool = True, tokenizer_file: Path | None = None) -> PreparedData:
-    """Read (or generate) the run's text, train or load its tokenizer, pack sequences.
-
-    With ``write=False`` nothing is written: the fact world and tokenizer already
-    in ``run_dir`` are read (another rank prepared them, or the run resumes).
-    ``tokenizer_file`` (a resumed checkpoint's) is used in place of any other and
-    copied into ``run_dir``.
-    """
-    data = config.data
-    heldout_path, qa_paths = data.heldout, dict(data.qa)
-    if data.train is None:
-        world_dir = run_dir / "data"
-        files = write_world(generate_world(data.facts), world_dir) if write else world_paths(world_dir)
-        if not files["train"].is_file():
-            raise DataError(
-                f"{world_dir} holds no fact world: a resumed run reads the world it generated (never a new one); "
-                "copy the run's data/ directory there"
-            )
-        train_path = files["train"]
-        if heldout_path is None and data.facts.heldout_people > 0:
-            heldout_path = files["heldout"]
-        if not qa_paths:
-            qa_paths = {name: files[f"qa_{split}"] for name, split in WORLD_QA_SETS.items()
-                        if files[f"qa_{split}"].stat().st_size > 0}
-    else:
-        train_path = data.train
-    documents = read_documents(train_path, field=data.text_field)
-    tokenizer_path = run_dir / "tokenizer.json"
-    if tokenizer_file is not None:
-        tokenizer = Tokenizer.load(tokenizer_file)
-    elif not write:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    elif data.tokenizer is not None:
-        tokenizer = Tokenizer.load(data.tokenizer)
-    else:
-        tokenizer = Tokenizer.train(documents, data.vocab_size)
-    if write:
-        tokenizer.save(tokenizer_path)
-    elif tokenizer_file is not None:  # the checkpoint's copy, byte for byte
-        shutil.copyfile(tokenizer_file, tokenizer_path)
-
-    def pack(docs: list[str]) -> torch.Tensor:
-        return pack_documents(tokenizer.encode_batch(docs), data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
-
-    heldout_rows = pack(read_documents(heldout_path, field=data.text_field)) if heldout_path else None
-    qa_sets = {name: read_qa(path) for name, path in qa_paths.items()}
-    files = {"train": Path(train_path), "heldout": heldout_path and Path(heldout_path),
-             **{f"qa.{name}": Path(path) for name, path in qa_paths.items()}, "tokenizer": tokenizer_path}
-    return PreparedData(tokenizer, tokenizer_path, tokenizer.encode_batch(documents), heldout_rows, qa_sets, files)
 
 
 class Trainer:
@@ -233,7 +159,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim)
         tokenizer = self.data.tokenizer
         global_batch = tcfg.batch_size * self.world  # every rank draws the same rows and trains on its slice
-        if config.data.repack:
+        if self.data.train_shards is not None:  # each rank reads only its own windows
+            self.batches = ShardBatches(self.data.train_shards, config.data.seq_len, tcfg.batch_size, tcfg.seed,
+                                        self.rank, self.world)
+        elif config.data.repack:
             self.batches = DocumentBatchIterator(
                 self.data.train_docs, config.data.seq_len, tokenizer.bos_id, tokenizer.eos_id, global_batch, tcfg.seed
             )
@@ -329,6 +258,8 @@ class Trainer:
         factor = self.set_learning_rates()
         total = torch.zeros((), device=self.device)
         mine = slice(self.rank * tcfg.batch_size, (self.rank + 1) * tcfg.batch_size)
+        if getattr(self.batches, "rank_local", False):  # the batch is already this rank's own
+            mine = slice(None)
         step = self.step + 1
         fault_point("step.start", step)
         for _ in range(tcfg.grad_accum):

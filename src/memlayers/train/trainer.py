@@ -258,13 +258,14 @@ class Trainer:
         factor = self.set_learning_rates()
         total = torch.zeros((), device=self.device)
         mine = slice(self.rank * tcfg.batch_size, (self.rank + 1) * tcfg.batch_size)
+        ranks_per_batch = 1  # the batch drawn is the global one (every rank draws it and trains on its slice)
         if getattr(self.batches, "rank_local", False):  # the batch is already this rank's own
-            mine = slice(None)
+            mine, ranks_per_batch = slice(None), self.world
         step = self.step + 1
         fault_point("step.start", step)
         for _ in range(tcfg.grad_accum):
             inputs, targets = next(self.batches)
-            self.tokens_seen += inputs.numel()
+            self.tokens_seen += inputs.numel() * ranks_per_batch
             inputs, targets = inputs[mine].to(self.device), targets[mine].to(self.device)
             with self.autocast():
                 loss = self.model(inputs, targets).loss / tcfg.grad_accum

@@ -37,6 +37,9 @@ class ParallelConfig:
     """On GPUs: bfloat16 parameters in compute, float32 gradient reduction."""
     timeout_s: float = 300.0
     """A collective that waits longer than this (a dead or hung rank) raises on the others."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (less memory,
+    about one more forward of compute); also in one-process runs."""
 
     def __post_init__(self) -> None:
         check(self.memory_parallel >= 1, "memory_parallel", f"must be >= 1, got {self.memory_parallel}")

@@ -8,9 +8,26 @@ computed only when they are read, at log time.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
+
+_paused = threading.local()
+
+
+@contextlib.contextmanager
+def usage_paused() -> Iterator[None]:
+    """Within it, :meth:`UsageTracker.update` counts nothing (an activation-checkpointed
+    block recomputing its forward in backward reads the memory a second time)."""
+    depth = getattr(_paused, "depth", 0)
+    _paused.depth = depth + 1
+    try:
+        yield
+    finally:
+        _paused.depth = depth
 
 
 class UsageTracker:
@@ -34,7 +51,10 @@ class UsageTracker:
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
-        """Add one batch of slot indices (any shape, values in ``[0, n_slots)``)."""
+        """Add one batch of slot indices (any shape, values in ``[0, n_slots)``), unless
+        inside :func:`usage_paused`."""
+        if getattr(_paused, "depth", 0):
+            return
         flat = indices.detach().reshape(-1).to(self.counts.device)  # (reads,)
         self.counts.index_add_(0, flat, torch.ones_like(flat))
         self.batches += 1

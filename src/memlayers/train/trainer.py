@@ -40,6 +40,7 @@ from memlayers.distributed import (
     sum_over,
     sync_value_grads,
 )
+from memlayers.distributed.activation_checkpointing import apply_activation_checkpointing
 from memlayers.distributed.comm import collective
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
@@ -151,6 +152,11 @@ class Trainer:
         if uses_row_grads(config.optim):
             for layer in self.model.memory_layers():
                 layer.table_grad = "rows"
+        if config.parallel.activation_checkpointing:  # before FSDP wraps the blocks
+            try:
+                apply_activation_checkpointing(self.model)
+            except ValueError as error:
+                raise ConfigError("parallel.activation_checkpointing", str(error)) from None
         self.value_norm_reduce = None
         if self.world > 1:
             mesh = build_mesh(config.parallel, self.device)

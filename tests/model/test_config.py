@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,22 @@ def test_paper_presets_share_the_base_shape():
             assert getattr(other, name) == getattr(dense, name), name
     assert memory.memory_layers == (4, 12, 20) and memory.memory.n_slots == 1024**2
     assert moe.moe_layers == (4, 12, 20)
+
+
+PAPER_RECIPES = {"paper_134m_memory": 134e6, "paper_373m_memory": 373e6, "paper_1.3b_memory": 1.3e9, "paper_8b_memory": 8.03e9}
+
+
+@pytest.mark.parametrize("name,dense_params", PAPER_RECIPES.items())
+def test_paper_recipes_follow_the_paper(name, dense_params):
+    config = load_config(RunConfig, CONFIGS / f"{name}.yaml")
+    model = config.model
+    # the base model without memory has the paper's size (within 5%)
+    base = count_parameters(dataclasses.replace(model, memory_layers=())).total
+    assert abs(base - dense_params) / dense_params < 0.05, base
+    # three Memory+ blocks spread through the depth, one shared pool of 1024**2 values, qk-norm
+    L = model.n_layers
+    assert model.memory_layers == tuple(round(L * (2 * i + 1) / 6) for i in range(3))
+    assert model.memory.n_slots == 1024**2 and model.memory.shared_values and model.memory.qk_norm
+    assert (model.memory.heads, model.memory.knn, model.memory.k_dim, model.memory.variant) == (4, 32, 512, "plus")
+    assert config.optim.value_lr == 1e-3 and config.data.shards is not None
+    assert config.data.seq_len == model.max_seq_len

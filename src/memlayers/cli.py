@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``info | train | eval | slot-stats | learn | patch | generate | demo | consolidate | shard | export | import | retrofit | quantize | lm-eval | bench``."""
+"""The ``memlayers`` command line: ``info | plan | tokenize | train | eval | slot-stats | learn | patch | generate | demo | consolidate | shard | export | import | retrofit | quantize | lm-eval | bench``."""
 
 from __future__ import annotations
 
@@ -336,8 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     from memlayers.continual.cli import add_parsers as add_continual_parsers
+    from memlayers.data.tokenize_cli import add_parsers as add_tokenize_parsers
+    from memlayers.distributed.plan_cli import add_parsers as add_plan_parsers
 
     add_continual_parsers(sub)
+    add_tokenize_parsers(sub)
+    add_plan_parsers(sub)
 
     gen = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     gen.add_argument("checkpoint")

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from memlayers.data.text import file_sha256
 from memlayers.faults import fault_point
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -194,15 +195,6 @@ def recover(run_dir: str | Path) -> list[str]:
 
 def _hidden(path: Path, prefix: str) -> Path:
     return path.with_name(prefix + path.name)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

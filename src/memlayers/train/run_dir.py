@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from memlayers.config import ConfigError
+from memlayers.data.text import file_sha256
 from memlayers.model.accounting import count_parameters
 from memlayers.model.config import ModelConfig
-from memlayers.train.checkpoint_write import STEP_DIR, checkpoint_root, file_sha256
+from memlayers.train.checkpoint_write import STEP_DIR, checkpoint_root
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "data", "checkpoints", "tensorboard")
 """What a run writes into its directory (what ``overwrite`` moves aside)."""

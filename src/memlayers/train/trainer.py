@@ -46,7 +46,7 @@ from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
 from memlayers.faults import fault_point
 from memlayers.memory.layer import MemoryLayer
-from memlayers.model.accounting import size_fields
+from memlayers.model.accounting import count_flops, size_fields
 from memlayers.model.transformer import Transformer
 from memlayers.train.checkpoint import (
     Checkpoint,
@@ -79,6 +79,7 @@ from memlayers.train.run_dir import (
     set_aside_newer,
 )
 from memlayers.train.sharded_checkpoint import load_sharded, save_sharded
+from memlayers.train.throughput import throughput_fields
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 """The block index in a module name such as ``layers.3.ffn`` or ``model.layers.3.mlp.memory``."""
@@ -139,6 +140,7 @@ class Trainer:
             check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, self.world)
             model = Transformer(model_config)
         self.config = config
+        self.flops_per_token = None if self.external_model else count_flops(config.model, config.data.seq_len).total
         self.fingerprints = self._fingerprints(resume_from, saved)
         self.model = model.to(self.device)
         if any(layer.pool.quantized for layer in self.model.memory_layers()):
@@ -399,7 +401,8 @@ class Trainer:
                     on_step(self.step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
-                    metrics.update(tokens=self.tokens_seen, tokens_per_s=tokens_per_s, **self.usage_stats())
+                    metrics.update(tokens=self.tokens_seen, tokens_per_s=tokens_per_s, **self.usage_stats(),
+                                   **throughput_fields(tokens_per_s, self.world, self.device, self.flops_per_token))
                     self.logger.log(self.step, metrics)
                 if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps:
                     with self.lockstep(f"the evaluation at step {self.step}"):

@@ -38,3 +38,21 @@ def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
         return build_config(tmp_path / name, list(overrides))
 
     return make
+
+
+EXACT_KEYS = ("loss", "lr", "grad_norm", "value_grad_norm", "tokens")
+"""Per-step values that an exactly resumed run must reproduce bit for bit."""
+
+
+class Crash(Exception):
+    """Stands in for the process dying in the middle of a run."""
+
+
+def crash_at(step: int) -> Callable[[int], None]:
+    """An ``on_step`` callback that raises :class:`Crash` after step ``step``."""
+
+    def on_step(current: int) -> None:
+        if current == step:
+            raise Crash(f"simulated crash after step {current}")
+
+    return on_step

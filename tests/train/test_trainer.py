@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,20 +25,8 @@ from memlayers.train.metrics import read_metrics
 from memlayers.train.optim import lr_factor
 from memlayers.train.trainer import Trainer, TrainingError
 
-# Per-step values that an exactly resumed run must reproduce bit for bit.
-EXACT_KEYS = ("loss", "lr", "grad_norm", "value_grad_norm", "tokens")
-
-
-class Crash(Exception):
-    """Stands in for the process dying in the middle of a run."""
-
-
-def crash_at(step: int):
-    def on_step(current: int) -> None:
-        if current == step:
-            raise Crash(f"simulated crash after step {current}")
-
-    return on_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: the shared helpers
+from conftest import EXACT_KEYS, Crash, crash_at  # noqa: E402
 
 
 def train_records(run_dir: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Training from token shards (``data.shards``): the tokenizer and held-out split come from the
 shard directory, a crashed run resumes at the exact token, bad combinations are refused."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,19 +15,8 @@ from memlayers.train.checkpoint import list_checkpoints
 from memlayers.train.metrics import read_metrics
 from memlayers.train.trainer import Trainer
 
-EXACT_KEYS = ("loss", "lr", "grad_norm", "value_grad_norm", "tokens")
-
-
-class Crash(Exception):
-    """Stands in for the process dying in the middle of a run."""
-
-
-def crash_at(step: int):
-    def on_step(current: int) -> None:
-        if current == step:
-            raise Crash(f"simulated crash after step {current}")
-
-    return on_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: the shared helpers
+from conftest import EXACT_KEYS, Crash, crash_at  # noqa: E402
 
 
 def make_shards(tmp_path: Path) -> Path:

@@ -248,7 +248,11 @@ def cmd_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_retrofit(args: argparse.Namespace) -> int:
-    """Add memory layers to a local transformers model, train them on text, save the result."""
+    """Add memory layers to a local transformers model, train them on text, save the result
+    (under torchrun: trained by every rank, saved by rank 0)."""
+    import torch.distributed as dist
+
+    from memlayers.distributed import shutdown
     from memlayers.train.config import RunConfig
 
     hf = _optional("memlayers.integrations.hf", "hf")
@@ -260,10 +264,15 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     if not any(o.startswith("train.out_dir=") for o in overrides):
         overrides.append(f"train.out_dir={Path(args.out) / 'training'}")
     config = load_config(RunConfig, args.config, overrides)
-    summary = hf.retrofit_pretrained(args.model, args.out, layers, args.mode, config, train=not args.no_train)
-    if summary:
-        print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
-    print(f"wrote {args.out}")
+    summary = hf.retrofit_pretrained(args.model, args.out, layers, args.mode, config, train=not args.no_train,
+                                     resume=args.resume)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    gc.collect()  # the sharded model's DTensors go before the process group (see cmd_train)
+    shutdown()
+    if rank == 0:
+        if summary:
+            print(_table({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -395,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--out", required=True, help="run directory to write checkpoints/step_00000000 into")
     imports.set_defaults(func=cmd_hf)
 
-    retrofit = sub.add_parser("retrofit", help="add memory layers to a local Llama/Mistral/Qwen model and train them")
+    retrofit = sub.add_parser("retrofit", help="add memory layers to a local Llama/Mistral/Qwen model and train them "
+                              "(one process, or sharded over the ranks of torchrun)")
     retrofit.add_argument("model", help="a local transformers model directory (save_pretrained layout)")
     retrofit.add_argument("overrides", nargs="*", help="dotted overrides: model.memory.*, data.*, optim.*, train.*")
     retrofit.add_argument("--layers", required=True, help="comma-separated decoder layers, e.g. 4,12")
@@ -404,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrofit.add_argument("--out", required=True, help="directory for the retrofitted model (training under OUT/training)")
     retrofit.add_argument("--config", help="a YAML preset for the memory, data, optimizer and training")
     retrofit.add_argument("--no-train", action="store_true", help="only add the memory layers and save")
+    retrofit.add_argument("--resume", action="store_true",
+                          help="continue the training from the latest checkpoint in train.out_dir (same base model)")
     retrofit.set_defaults(func=cmd_retrofit)
 
     # listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser

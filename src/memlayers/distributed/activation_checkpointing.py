@@ -1,7 +1,8 @@
 """Activation checkpointing: keep only each block's input, recompute the rest in backward.
 
 Applied from outside the model, like the other parallelisms (before FSDP, as
-torchtitan does): every block of ``model.layers`` runs under
+torchtitan does): every block (:func:`~memlayers.distributed.parallelize.model_blocks`:
+memlayers' ``model.layers`` or a transformers model's decoder layers) runs under
 ``torch.utils.checkpoint`` (non-reentrant) while gradients are enabled, so its
 activations are freed after the forward and recomputed block by block in the
 backward. Peak activation memory drops from all blocks' to about one block's
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memlayers.distributed.parallelize import model_blocks
 from memlayers.memory.usage import usage_paused
 
 
@@ -36,11 +38,12 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Checkpoint every block of ``model.layers`` (a transformers model: its decoder layers);
-    returns how many blocks were wrapped. Applying it twice is refused."""
-    blocks = getattr(model, "layers", None)
+    """Checkpoint every block of ``model`` (:func:`model_blocks`: ``model.layers``, or a
+    transformers model's decoder layers); returns how many blocks were wrapped. Applying it
+    twice is refused."""
+    blocks = model_blocks(model)
     if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no .layers of blocks to checkpoint")
+        raise ValueError(f"{type(model).__name__} has no .layers of blocks (nor decoder layers) to checkpoint")
     for block in blocks:
         if getattr(block, "activation_checkpointing", False):
             raise ValueError("activation checkpointing is already applied to this model")

@@ -11,6 +11,15 @@ from the same seed, on every rank):
   its gradient is averaged over all ranks; the value tables are left out of
   FSDP (``ignored_params``) and reduced by :func:`sync_value_grads`;
 - on GPUs, parameters compute in bfloat16 and gradients reduce in float32.
+
+The blocks (:func:`model_blocks`) are memlayers' own ``model.layers`` or, for a
+transformers model retrofitted with memory (behind ``CausalLMAdapter``), its
+decoder layers. One FSDP unit per block holds that block's frozen base weights
+and its trainable memory projections and gate together: FSDP2 (in every torch
+this project supports, >= 2.6) all-gathers frozen and trainable parameters
+alike, reduce-scatters only the gradients that exist, and asks a common dtype
+of the trainable ones only, so frozen parameters need no units of their own
+(the retrofit tests check this against one process).
 """
 
 from __future__ import annotations
@@ -55,15 +64,28 @@ def build_mesh(config: ParallelConfig, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, shape, mesh_dim_names=("dp", "mp"))
 
 
+def model_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The repeated blocks of a model: memlayers' ``model.layers``, or the decoder layers of
+    a transformers model (``base_model.layers``), also behind an adapter's ``wrapped_model``;
+    None when it has neither."""
+    for candidate in (model, getattr(model, "wrapped_model", None)):
+        for owner in (candidate, getattr(candidate, "base_model", None)):
+            blocks = getattr(owner, "layers", None)
+            if isinstance(blocks, nn.ModuleList):
+                return blocks
+    return None
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> list[nn.Parameter]:
-    """Shard ``model`` in place over ``mesh``; returns its value tables (for :func:`sync_value_grads`)."""
+    """Shard ``model`` in place over ``mesh``: one FSDP unit per block (:func:`model_blocks`),
+    one for the rest; returns its value tables (for :func:`sync_value_grads`)."""
     tables = shard_values(model, mesh["mp"])
     if mesh.device_type == "cuda" and config.mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
     ignored = set(tables)
-    for block in getattr(model, "layers", []):
+    for block in model_blocks(model) or []:
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     model.value_tables = tables

@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding
 
-    model.safetensors      the model's state dict (a tied tensor stored once)
+    model.safetensors      the model's state dict (a tied tensor stored once); with
+                           ``"trained_only": true`` in state.json (a retrofit) without
+                           the frozen parameters, which the run's ``base_model``
+                           fingerprint names instead
     optimizer.safetensors  optimizer state tensors, keyed by parameter name
     state.json             format tag, step, run config, optimizer hyperparameters
                            and scalar state, RNG states, data position, metrics
@@ -151,6 +154,16 @@ def restore_optimizer_state(
             owner[id(param)].setdefault(param, {})[field] = torch.tensor(value, dtype=torch.float32)
 
 
+def model_state(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; with ``trained_only`` without the frozen parameters
+    (``requires_grad`` false, every name of a tied one), buffers kept."""
+    state = model.state_dict()
+    if not trained_only:
+        return state
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {key: tensor for key, tensor in state.items() if key not in frozen}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -159,13 +172,17 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_path: str | Path | None = None,
     keep_last: int | None = None,
+    trained_only: bool = False,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_<step>`` atomically (:mod:`.checkpoint_write`); prune to ``keep_last``."""
+    """Write ``run_dir/checkpoints/step_<step>`` atomically (:mod:`.checkpoint_write`); prune to ``keep_last``.
+    ``trained_only`` leaves the frozen parameters out (:func:`model_state`)."""
     staging = checkpoint_write.begin(run_dir, step)
-    model_tensors, aliases = _unique_tensors(model.state_dict())
+    model_tensors, aliases = _unique_tensors(model_state(model, trained_only))
     save_file(model_tensors, staging / "model.safetensors", metadata={"format": FORMAT})
     checkpoint_write.written(staging, "model.safetensors", step)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "tied": aliases, **state}
+    if trained_only:
+        meta["trained_only"] = True
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = optimizer_state(model, optimizer)
         save_file(opt_tensors, staging / "optimizer.safetensors", metadata={"format": FORMAT})
@@ -270,9 +287,10 @@ def mmap_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(path: str | Path, model: nn.Module, mmap: bool = False) -> None:
-    """Load ``model.safetensors`` of a checkpoint into ``model``, strictly. With ``mmap`` the
-    tensors stay views of the mapped file and replace the model's own (``model`` may be on the
-    meta device: nothing is allocated for it)."""
+    """Load ``model.safetensors`` of a checkpoint into ``model``, strictly (a ``trained_only``
+    checkpoint: every parameter but the frozen ones). With ``mmap`` the tensors stay views of
+    the mapped file and replace the model's own (``model`` may be on the meta device: nothing
+    is allocated for it)."""
     path = resolve_checkpoint(path)
     state = read_state(path)
     if state.get("sharded"):
@@ -285,7 +303,8 @@ def load_model_weights(path: str | Path, model: nn.Module, mmap: bool = False) -
     for alias, kept in state.get("tied", {}).items():
         if kept in tensors:
             tensors[alias] = tensors[kept]
-    expected = model.state_dict()
+    trained_only = bool(state.get("trained_only"))
+    expected = model_state(model, trained_only)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
@@ -296,7 +315,7 @@ def load_model_weights(path: str | Path, model: nn.Module, mmap: bool = False) -
             if keys
         )
         raise CheckpointError(f"checkpoint {path} does not fit this model ({detail}); check the config")
-    model.load_state_dict(tensors, assign=mmap)
+    model.load_state_dict(tensors, strict=not trained_only, assign=mmap)  # checked above
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:

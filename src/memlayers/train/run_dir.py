@@ -17,12 +17,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from memlayers.config import ConfigError
 from memlayers.data.text import file_sha256
@@ -126,6 +128,20 @@ def file_fingerprint(path: str | Path | None) -> str | None:
     return None if path is None else file_sha256(path)
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the frozen parameters of ``model`` (``requires_grad`` false; a tied one once),
+    in order: each one's name, dtype, shape and bytes. How a resumed retrofit knows its base
+    model is the one it was trained on, however it was loaded; it reads every frozen byte
+    once (about the time of loading the model) and must run before the model is sharded."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}\n".encode())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     flat: dict[str, Any] = {}
@@ -161,7 +177,8 @@ def check_resume(
         problems.append(f"the global batch (checkpoint {batch_then} sequences, now {batch_now}{hint})")
     for name, digest in (saved.get("fingerprints") or {}).items():
         if name in fingerprints and fingerprints[name] != digest:
-            problems.append(f"the {name} file differs from the one the run was trained on")
+            what = "the base model's frozen weights differ from those" if name == "base_model" else f"the {name} file differs from the one"
+            problems.append(f"{what} the run was trained on")
     if problems:
         raise ConfigError(
             "",

@@ -7,7 +7,8 @@ A sharded checkpoint is a ``step_<N>/`` directory like a single-process one
 :mod:`memlayers.train.checkpoint_write`: ``state.json`` (config, step, data
 position, RNG, optimizer hyperparameters and scalar state; ``"sharded": true``),
 ``tokenizer.json``, and ``shards/`` with the tensors: ``model.<name>`` for
-parameters and ``optim.<name>.<state>`` for optimizer state. Tensors are saved
+parameters (a ``trained_only`` checkpoint, a retrofit's: only the trained ones)
+and ``optim.<name>.<state>`` for optimizer state. Tensors are saved
 as DTensors, so loading re-shards them to whatever mesh the loading job has:
 resume with the same number of ranks, another number, or one process
 (:func:`load_sharded` with ``no_dist``); :func:`export_checkpoint` writes the
@@ -40,6 +41,7 @@ from memlayers.train.checkpoint import (
     check_files,
     earlier_advice,
     load_checkpoint,
+    model_state,
     read_state,
     resolve_checkpoint,
     restore_optimizer_state,
@@ -90,12 +92,14 @@ def _as_saved(param: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(state, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
 
 
-def _flat_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[tuple]]:
+def _flat_state(
+    model: nn.Module, optimizer, trained_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[tuple]]:
     """Tensors to save or load into, JSON metadata, and (saved, live) pairs to copy back after a load."""
     for module in model.modules():  # a forward without backward (evaluation) leaves FSDP's root unsharded
         if isinstance(module, FSDPModule):
             module.reshard()
-    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    tensors = {f"model.{name}": t for name, t in model_state(model, trained_only).items()}
     if optimizer is None:
         return tensors, {"param_groups": [], "scalars": {}}, []
     entries, meta = split_optimizer_state(model, optimizer)
@@ -129,16 +133,17 @@ def raise_interrupt(error: BaseException) -> None:
 
 def save_sharded(
     run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
-    tokenizer_path: str | Path | None = None, keep_last: int | None = None,
+    tokenizer_path: str | Path | None = None, keep_last: int | None = None, trained_only: bool = False,
 ) -> Path:
     """Every rank writes its shards of ``step_<step>``; rank 0 adds the JSON and commits it
-    (:mod:`.checkpoint_write`: fsync, atomic rename, then pruning)."""
+    (:mod:`.checkpoint_write`: fsync, atomic rename, then pruning). ``trained_only`` leaves
+    the frozen parameters out."""
     rank = dist.get_rank()
     if rank == 0:
         checkpoint_write.begin(run_dir, step)
     barrier()
     staging = checkpoint_write.staging_dir(run_dir, step)
-    tensors, meta, _ = _flat_state(model, optimizer)
+    tensors, meta, _ = _flat_state(model, optimizer, trained_only)
     fault_point("checkpoint.shards", step)  # a rank lost here leaves the others inside DCP's collectives
     try:
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDS), save_distributed=True))
@@ -151,6 +156,8 @@ def save_sharded(
     if rank == 0:
         info = {"format": FORMAT, "version": VERSION, "sharded": True, "world_size": dist.get_world_size(),
                 "step": step, "optimizer": meta, **state}
+        if trained_only:
+            info["trained_only"] = True
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
             checkpoint_write.written(staging, "tokenizer.json", step)
@@ -173,7 +180,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
     check_files(path, state)
     if optimizer is not None:
         init_optimizer_state(optimizer)
-    tensors, _, copy_back = _flat_state(model, optimizer)
+    tensors, _, copy_back = _flat_state(model, optimizer, bool(state.get("trained_only")))
     try:
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
     except ValueError as error:  # DCP's size check: the checkpoint's tensors have other shapes
@@ -187,8 +194,11 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
         restore_optimizer_state(model, optimizer, state["optimizer"])
 
 
-def _model_and_optimizer(state: dict[str, Any]):
+def _model_and_optimizer(path: Path, state: dict[str, Any]):
     """The model and optimizer a checkpoint's config describes, built in this process."""
+    if state.get("trained_only"):
+        raise CheckpointError(f"{path} is a retrofit's checkpoint: it holds only the memory, not its base model, so it "
+                              "cannot be converted; resume the retrofit (under torchrun or in one process) instead")
     from memlayers.config import from_dict
     from memlayers.model.transformer import Transformer
     from memlayers.train.config import RunConfig
@@ -214,7 +224,7 @@ def export_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
     state = read_state(path)
     if not state.get("sharded"):
         raise CheckpointError(f"{path} is already a single-process checkpoint")
-    model, optimizer = _model_and_optimizer(state)
+    model, optimizer = _model_and_optimizer(path, state)
     load_sharded(path, model, optimizer, no_dist=True)
     tokenizer = path / "tokenizer.json"
     return save_checkpoint(run_dir, int(state["step"]), model, optimizer, _run_state(state),
@@ -228,7 +238,7 @@ def shard_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
     state = read_state(path)
     if state.get("sharded"):
         raise CheckpointError(f"{path} is already a sharded checkpoint")
-    model, optimizer = _model_and_optimizer(state)
+    model, optimizer = _model_and_optimizer(path, state)
     load_checkpoint(path, model, optimizer)
     init_optimizer_state(optimizer)  # parameters the run never stepped still get (zero) state
     started = not dist.is_initialized()

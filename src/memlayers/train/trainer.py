@@ -71,6 +71,7 @@ from memlayers.train.optim import (
     uses_row_grads,
 )
 from memlayers.train.run_dir import (
+    base_fingerprint,
     check_fits,
     check_fresh,
     check_resume,
@@ -97,7 +98,10 @@ class Trainer:
     returning an :class:`~memlayers.model.transformer.LMOutput`, with
     ``config.max_seq_len`` and ``memory_layers()``, such as a retrofitted
     transformers model behind ``memlayers.integrations.hf.CausalLMAdapter``.
-    Its frozen parameters stay as they are. Such a run is one process.
+    Its frozen parameters stay as they are: its checkpoints hold only what
+    trains, and a fingerprint of the frozen rest (``base_model``) that a resume
+    must match. Under torchrun every rank passes the same model (built alike,
+    from the same seed), which is sharded like memlayers' own.
     """
 
     def __init__(
@@ -114,8 +118,6 @@ class Trainer:
                               "model.memory_layers or leave train.slot_stats_batches at 0")
         self.rank, self.world = 0, 1
         if launched_by_torchrun():
-            if model is not None:
-                raise ConfigError("parallel", "a model passed to the Trainer trains in one process; run without torchrun")
             self.device = init_distributed(config.parallel.timeout_s)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
@@ -141,7 +143,7 @@ class Trainer:
             model = Transformer(model_config)
         self.config = config
         self.flops_per_token = None if self.external_model else count_flops(config.model, config.data.seq_len).total
-        self.fingerprints = self._fingerprints(resume_from, saved)
+        self.fingerprints = self._fingerprints(resume_from, saved, model)
         self.model = model.to(self.device)
         if any(layer.pool.quantized for layer in self.model.memory_layers()):
             raise ConfigError("memory.value_dtype", "int8 and int4 value tables are for inference: train in float32 "
@@ -206,9 +208,10 @@ class Trainer:
             saved = read_state(resume_from)
             check_files(resume_from, saved)  # before anything of it is used
             if self.world > 1 and not saved.get("sharded"):
+                fix = (f"write one with `memlayers shard {resume_from} --out {self.run_dir}`" if not saved.get("trained_only")
+                       else "a retrofit's cannot be converted without its base model, so resume this one in one process")
                 raise TrainingError(
-                    f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: "
-                    f"write one with `memlayers shard {resume_from} --out {self.run_dir}`"
+                    f"{resume_from} is a single-process checkpoint; a distributed run resumes from sharded ones: {fix}"
                 )
         elif not overwrite:
             check_fresh(self.run_dir)
@@ -222,10 +225,13 @@ class Trainer:
                 self._say(line)
         return resume_from, saved
 
-    def _fingerprints(self, resume_from: Path | None, saved: dict[str, Any]) -> dict[str, str | None]:
-        """Fingerprints of the run's data and tokenizer files (saved in every checkpoint); on
-        resume, refuse a config, data or tokenizer that differs from the checkpoint's."""
+    def _fingerprints(self, resume_from: Path | None, saved: dict[str, Any], model: nn.Module) -> dict[str, str | None]:
+        """Fingerprints of the run's data and tokenizer files and of a passed model's frozen
+        parameters (saved in every checkpoint); on resume, refuse a config, data, tokenizer or
+        base model that differs from the checkpoint's."""
         fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
+        if self.external_model:  # before sharding: every rank hashes the whole base
+            fingerprints["base_model"] = base_fingerprint(model)
         if self.config.data.tokenizer is not None:  # the source file, not the run's re-serialised copy
             fingerprints["tokenizer"] = file_fingerprint(self.config.data.tokenizer)
         elif resume_from is not None:  # the checkpoint's own tokenizer was used
@@ -336,7 +342,8 @@ class Trainer:
         return results
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (sharded, by every rank, in a distributed run)."""
+        """Write a checkpoint of the current step (sharded, by every rank, in a distributed run);
+        a passed model's without its frozen parameters."""
         state: dict[str, Any] = {
             "config": to_dict(self.config),
             "rng": rng_state(),
@@ -353,10 +360,10 @@ class Trainer:
                 state,
                 tokenizer_path=self.data.tokenizer_path,
                 keep_last=self.config.train.keep_last,
+                trained_only=self.external_model,
             )
-        return save_sharded(
-            self.run_dir, self.step, self.model, self.optimizer, state, self.data.tokenizer_path, self.config.train.keep_last
-        )
+        return save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self.data.tokenizer_path,
+                            self.config.train.keep_last, trained_only=self.external_model)
 
     def load(self, path: str | Path) -> Checkpoint:
         """Load a checkpoint to resume from: single-process, or sharded (by any number of ranks)."""

@@ -16,6 +16,12 @@ the run config names::
 or from the command line, ``memlayers retrofit my-llama --layers 4,12 --out
 my-llama-memory data.train=notes.txt model.memory.n_keys=256``
 (:func:`retrofit_pretrained`).
+
+Under torchrun (``torchrun --nproc-per-node N -m memlayers.cli retrofit ...``)
+every rank builds the same retrofitted model and the trainer shards it: FSDP2
+over the frozen base's decoder layers and the rest, memory parallelism over the
+value pool (``parallel.*``); checkpoints hold only the memory and its optimizer
+state, with a fingerprint of the base model that a ``--resume`` must match.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from memlayers.config import ConfigError
@@ -117,7 +125,9 @@ def train_memory(
     is refused. ``optim`` and ``train`` work as in ``memlayers train``
     (``optim.value_lr`` for the value pool, checkpoints and ``resume`` in
     ``train.out_dir``). With ``freeze`` only the memory layers, their pool and
-    their gates are trained. The model is trained in place.
+    their gates are trained. The model is trained in place. Under torchrun every
+    rank passes the same model (built alike, memory initialised from the same
+    seed); it is left sharded (see :func:`full_state_dict`).
     """
     if not any(isinstance(m, MemoryLayer) for m in model.modules()):
         raise ValueError("the model has no memory layers; call memlayers.integrations.hf.add_memory first")
@@ -127,6 +137,15 @@ def train_memory(
     return Trainer(config, resume=resume, model=CausalLMAdapter(model)).fit()
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a model that training under torchrun left sharded, on rank 0's
+    CPU (None on the other ranks, which must call too); the model's own in one process."""
+    if not dist.is_initialized():
+        return model.state_dict()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist.get_rank() == 0 else None
+
+
 def retrofit_pretrained(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -134,22 +153,28 @@ def retrofit_pretrained(
     mode: Mode,
     config: RunConfig,
     train: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Load a local transformers model, add memory layers, train them, save the result; returns the training summary.
 
     The memory is ``config.model.memory`` (the rest of ``config.model`` is not
-    used); training is :func:`train_memory` on ``config.data`` with the
-    model's own ``tokenizer.json`` unless ``data.tokenizer`` names one. The
-    retrofitted model (and the model's tokenizer, when it has one) is saved to
-    ``out_dir`` with ``save_pretrained``. Nothing is downloaded.
+    used), initialised from ``train.seed``; training is :func:`train_memory` on
+    ``config.data`` with the model's own ``tokenizer.json`` unless
+    ``data.tokenizer`` names one (``resume``: from the latest checkpoint in
+    ``train.out_dir``). The retrofitted model (and the model's tokenizer, when
+    it has one) is saved to ``out_dir`` with ``save_pretrained`` (by rank 0
+    under torchrun). Nothing is downloaded.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json: give a local transformers model directory")
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    torch.manual_seed(config.train.seed)  # the same memory on every rank, and in every run of this command
     add_memory(model, layers, config.model.memory, mode)
-    summary = train_memory(model, config) if train else {}
-    model.save_pretrained(out_dir)
-    if (model_dir / FILE_NAME).is_file() or (model_dir / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out_dir)
+    summary = train_memory(model, config, resume=resume) if train else {}
+    state = full_state_dict(model)
+    if state is not None:
+        model.save_pretrained(out_dir, state_dict=state)
+        if (model_dir / FILE_NAME).is_file() or (model_dir / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(out_dir)
     return summary

@@ -135,12 +135,12 @@ def test_text_errors_name_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("suffix,data", [
     (".gz", b"this is not gzip at all"),
-    (".gz", gzip.compress(TXT.encode() * 50)[:-30]),  # truncated
+    (".gz", gzip.compress(TXT.encode() * 50, mtime=0)[:-30]),  # truncated
     (".xz", lzma.compress(TXT.encode())[:-20]),
     (".bz2", b"BZh9 not bzip2"),
     (".xz", b"not xz"),
     (".zst", b"\x28\xb5\x2f\xfd garbage garbage"),
-])
+], ids=["gz-garbage", "gz-truncated", "xz-truncated", "bz2-garbage", "xz-garbage", "zst-garbage"])
 def test_corrupt_compressed_files(tmp_path, suffix, data):
     path = tmp_path / f"a.txt{suffix}"
     path.write_bytes(data)

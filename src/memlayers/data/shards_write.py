@@ -41,11 +41,11 @@ import numpy as np
 from tqdm import tqdm
 
 from memlayers.data.sources import Source, find_sources
+from memlayers.data.stream import FORMAT, INDEX, VERSION
 from memlayers.data.text import DataError, file_sha256, write_text_atomic
 from memlayers.data.tokenizer import FILE_NAME, Tokenizer
 
-FORMAT, VERSION = "memlayers-token-shards", 1
-INDEX, PROGRESS = "index.json", "progress.json"
+PROGRESS = "progress.json"
 TRAIN, HELDOUT = "train", "heldout"
 DEFAULT_SHARD_TOKENS = 1 << 27
 """Tokens after which a shard part is closed (2**27: 256 MiB of uint16)."""

@@ -30,6 +30,8 @@ import torch
 from memlayers.data.text import DataError
 
 FORMAT, VERSION = "memlayers-token-shards", 1
+"""The index's format tag and version, as :mod:`memlayers.data.shards_write` writes them."""
+INDEX = "index.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
@@ -45,7 +47,7 @@ class Shard:
 def read_index(directory: str | Path) -> dict:
     """The checked ``index.json`` of a shard directory (raises :class:`DataError` naming what is wrong)."""
     directory = Path(directory)
-    path = directory / "index.json"
+    path = directory / INDEX
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory of token shards; write one with `memlayers tokenize`")
     if not path.is_file():

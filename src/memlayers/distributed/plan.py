@@ -202,9 +202,19 @@ def _unit_numel(unit: tuple[ParamShape, ...], shards: int) -> int:
     return shards * sum(fsdp_shard_numel(p.shape, shards, 0) for p in unit)
 
 
+class _Summed:
+    """A dataclass of byte (or second) counts whose ``total`` is the sum of its fields."""
+
+    @property
+    def total(self) -> float:
+        """All of it."""
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
 @dataclass(frozen=True)
-class MemoryBytes:
-    """Bytes per GPU (the fullest rank); the first seven are exact, the rest estimates."""
+class MemoryBytes(_Summed):
+    """Bytes per GPU (the fullest rank); the first seven are exact, the rest estimates;
+    ``total`` is the peak a step reaches."""
 
     dense_params: int
     dense_grads: int
@@ -217,14 +227,9 @@ class MemoryBytes:
     transient: float
     reserve: float
 
-    @property
-    def total(self) -> float:
-        """Everything together: the peak a step reaches."""
-        return sum(getattr(self, f.name) for f in fields(self))
-
 
 @dataclass(frozen=True)
-class Communication:
+class Communication(_Summed):
     """Bytes each rank receives from other ranks per optimizer step."""
 
     fsdp_all_gather: float
@@ -235,11 +240,6 @@ class Communication:
     """Memory-parallel reads: lookups all-gathered, rows all-to-all (bench/comm.py)."""
     value_grad_sync: float
     """Value gradients over the ``dp`` replicas."""
-
-    @property
-    def total(self) -> float:
-        """All of it."""
-        return sum(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from memlayers.bench.timing import environment, format_table, source_commit
+from memlayers.data.stream import FORMAT, INDEX, VERSION
 from memlayers.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +69,10 @@ def write_corpus(directory: Path, tokens: int, tokenizer_file: Path, vocab_size:
                 done += n
                 bar.update(n)
         splits[split] = {"tokens": total, "documents": 0, "shards": entries}
-    index = {"format": "memlayers-token-shards", "version": 1, "dtype": "uint16", "vocab_size": vocab_size,
+    index = {"format": FORMAT, "version": VERSION, "dtype": "uint16", "vocab_size": vocab_size,
              "tokenizer": {"file": "tokenizer.json", "sha256": ""}, "bos_id": None, "eos_id": None,
              "splits": splits, "sources": []}
-    (directory / "index.json").write_text(json.dumps(index))
+    (directory / INDEX).write_text(json.dumps(index))
 
 
 def run_child(shards: Path, out_dir: Path, steps: int) -> dict:

@@ -129,6 +129,8 @@ def test_without_memory_parallelism_every_rank_holds_all_dense_weights():
     assert c.fsdp_all_gather == c.fsdp_reduce_scatter == c.memory_reads == 0
     assert c.dense_all_reduce == 2 * 7 / 8 * 4 * dense  # ring all-reduce of fp32 gradients
     assert c.value_grad_sync == 2 * 7 / 8 * 1024 * 64 * 4
+    # the trainer all-reduces over the replicas after the last micro-batch only
+    assert planned([*HAND, "train.grad_accum=4"], gpus=8).communication.dense_all_reduce == c.dense_all_reduce
 
 
 def test_activations_follow_the_documented_formula():

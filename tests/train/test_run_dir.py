@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from memlayers.cli import main
 from memlayers.config import ConfigError
@@ -111,6 +112,20 @@ def test_the_cli_refuses_and_overwrites(tmp_path, capsys):
 def test_a_model_that_cannot_fit_is_refused_before_it_is_built(make_config):
     with pytest.raises(ConfigError, match=r"^model: this run needs at least .* GiB"):
         Trainer(make_config("model.dim=65536", "model.n_heads=2", "model.n_layers=64"))
+
+
+def test_the_fit_check_splits_the_model_over_the_ranks_that_shard_it(monkeypatch):
+    from memlayers.model.accounting import count_parameters
+    from memlayers.model.config import ModelConfig
+    from memlayers.train import run_dir
+
+    model = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=1024, max_seq_len=64)
+    params = count_parameters(model).total
+    # room for a quarter of the weights, gradients and moments, plus the batch's activations
+    monkeypatch.setattr(run_dir, "machine_bytes", lambda device: 16 * params // 4 + 2**22)
+    run_dir.check_fits(model, 1, 8, torch.device("cpu"), shards=4)
+    with pytest.raises(ConfigError, match="this run needs at least"):
+        run_dir.check_fits(model, 1, 8, torch.device("cpu"), shards=2)
 
 
 def test_resume_without_the_run_s_world_says_so_and_generates_none(make_config):

@@ -235,7 +235,7 @@ class Communication(_Summed):
     fsdp_all_gather: float
     fsdp_reduce_scatter: float
     dense_all_reduce: float
-    """Dense gradients over the ``dp`` replicas (hybrid sharding)."""
+    """Dense gradients over the ``dp`` replicas (hybrid sharding), once per optimizer step."""
     memory_reads: float
     """Memory-parallel reads: lookups all-gathered, rows all-to-all (bench/comm.py)."""
     value_grad_sync: float
@@ -398,7 +398,7 @@ def plan(config: RunConfig, cluster: Cluster, shapes: ModelShapes | None = None)
     comm = Communication(
         fsdp_all_gather=A * (M - 1) * c * sum(_unit_numel(u, M) // M for u in gathers),
         fsdp_reduce_scatter=A * (M - 1) * 4 * dense_numel,
-        dense_all_reduce=A * 2 * (R - 1) / R * 4 * dense_numel,
+        dense_all_reduce=2 * (R - 1) / R * 4 * dense_numel,  # once per step, after the last micro-batch
         memory_reads=A * reads * (M - 1) / M,
         value_grad_sync=value_sync,
     )

@@ -101,17 +101,17 @@ def machine_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(model: ModelConfig, batch_size: int, seq_len: int, device: torch.device, world: int = 1) -> None:
+def check_fits(model: ModelConfig, batch_size: int, seq_len: int, device: torch.device, shards: int = 1) -> None:
     """Refuse (ConfigError) a run whose model and batch cannot fit in memory, before allocating it.
 
     A lower bound: fp32 weights, gradients and two AdamW moments (16 bytes per
-    parameter, split over the ranks), rotary tables, and per layer a few
-    activations of the batch plus the logits. A run this refuses would fail
+    parameter, split over the ``shards`` ranks that share one copy of the model),
+    rotary tables, and per layer a few activations of the batch plus the logits. A run this refuses would fail
     allocating (or be killed by the OOM killer half-way through).
     """
     params = count_parameters(model).total
     tokens = batch_size * seq_len
-    need = 16 * params // world + 16 * model.max_seq_len * model.head_dim
+    need = 16 * params // shards + 16 * model.max_seq_len * model.head_dim
     need += 4 * tokens * (8 * model.dim * model.n_layers + 3 * model.vocab_size)
     have = machine_bytes(device)
     if need > have:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from memlayers.config import ConfigError, to_dict
@@ -139,7 +140,8 @@ class Trainer:
                 self._say(f"model.vocab_size is {model_config.vocab_size}, the tokenizer's vocabulary "
                           f"(the config said {config.model.vocab_size})")
             config = dataclasses.replace(config, model=model_config)
-            check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, self.world)
+            shards = config.parallel.memory_parallel if self.world > 1 else 1  # FSDP shards within an mp group
+            check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, shards)
             model = Transformer(model_config)
         self.config = config
         self.flops_per_token = None if self.external_model else count_flops(config.model, config.data.seq_len).total
@@ -277,7 +279,11 @@ class Trainer:
             mine, ranks_per_batch = slice(None), self.world
         step = self.step + 1
         fault_point("step.start", step)
-        for _ in range(tcfg.grad_accum):
+        for micro in range(tcfg.grad_accum):
+            if isinstance(self.model, FSDPModule):
+                # gradients stay sharded and reduce-scattered every micro-batch; the replicas (dp)
+                # all-reduce them once, after the last one
+                self.model.set_requires_all_reduce(micro == tcfg.grad_accum - 1)
             inputs, targets = next(self.batches)
             self.tokens_seen += inputs.numel() * ranks_per_batch
             inputs, targets = inputs[mine].to(self.device), targets[mine].to(self.device)

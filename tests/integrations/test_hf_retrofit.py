@@ -291,3 +291,18 @@ def test_retrofit_command_adds_trains_and_saves_the_memory(tiny_run, tmp_path, c
     assert main(["retrofit", str(tmp_path / "nothing"), "--layers", "1", "--out", str(out), "--no-train"]) == 2
     err = capsys.readouterr().err
     assert "layers: must be comma-separated layer indices" in err and "has no config.json" in err
+
+
+def test_retrofit_without_training_under_torchrun_is_saved_by_rank_0_only(tmp_path, monkeypatch):
+    """--no-train never forms a process group, so the ranks tell themselves apart by torchrun's RANK."""
+    from memlayers.cli import main
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        args = ["retrofit", str(tmp_path / "base"), "--layers", "1", "--out", str(tmp_path / f"out{rank}"), "--no-train",
+                "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16"]
+        assert main(args) == 0
+    assert not (tmp_path / "out1").exists()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out0").config.memory_retrofit["layers"] == [1]

@@ -27,6 +27,7 @@ state, with a fingerprint of the base model that a ``--resume`` must match.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -139,9 +140,10 @@ def train_memory(
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole state dict of a model that training under torchrun left sharded, on rank 0's
-    CPU (None on the other ranks, which must call too); the model's own in one process."""
+    CPU (None on the other ranks, which must call too); the model's own in one process, and on
+    rank 0 of processes torchrun started that never formed a group (``retrofit --no-train``)."""
     if not dist.is_initialized():
-        return model.state_dict()
+        return model.state_dict() if int(os.environ.get("RANK", "0")) == 0 else None
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return full if dist.get_rank() == 0 else None
 

@@ -55,6 +55,11 @@ def test_bag_and_bag_dot_match_the_reference(ops):
     fixed = fixed_offsets(B, K, ids.device)
     torch.testing.assert_close(ops.bag(table, flat_ids, flat_w, fixed), TorchOps.bag(table, flat_ids, flat_w, fixed))
     torch.testing.assert_close(ops.bag_dot(table, ids, grad_out), TorchOps.bag_dot(table, ids, grad_out))
+    # more lookups per bag than a kernel reads at once, and a width that is no multiple of a vector
+    g = torch.Generator().manual_seed(5)
+    wide, many = torch.randn(N, 13, generator=g), torch.randint(0, N, (B, 19), generator=g)
+    out = torch.randn(B, 13, generator=g)
+    torch.testing.assert_close(ops.bag_dot(wide, many, out), TorchOps.bag_dot(wide, many, out))
 
 
 def row_grad(ops, seed=0):
@@ -72,6 +77,35 @@ def test_row_gradient_and_its_norm_match_the_reference(ops):
     torch.testing.assert_close(rows, ref_rows)
     torch.testing.assert_close(grads, ref_grads)
     assert row_grad(ops).sq_norm() == pytest.approx(row_grad(TorchOps).sq_norm(), rel=1e-5)
+
+
+def test_a_one_pass_dense_gradient_matches_the_written_out_row_gradient(ops):
+    if not hasattr(ops, "dense_grad"):
+        pytest.skip("this backend writes dense gradients through RowGrad")
+    _, ids, weights, grad_out = lookups()
+    reference = RowGrad(N, D, TorchOps)
+    reference.add(ids, weights, grad_out)
+    dense = ops.dense_grad(N, ids, weights, grad_out)
+    torch.testing.assert_close(dense, reference.to_dense())
+    assert dense[N - 10:].eq(0).all()  # rows never read: zero, though the output starts uninitialised
+    with pytest.raises(IndexError, match="must lie in"):
+        ops.dense_grad(N - 20, ids, weights, grad_out)
+    # a table big enough to be split over threads by rows: the same sums as one thread
+    g = torch.Generator().manual_seed(1)
+    many = torch.randint(0, 4096, (64, 32), generator=g)
+    many[:, 1] = many[:, 0]
+    w, out = torch.randn(64, 32, generator=g), torch.randn(64, D, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dense_grad(4096, many, w, out)
+        torch.set_num_threads(4)
+        assert torch.equal(ops.dense_grad(4096, many, w, out), one)
+    finally:
+        torch.set_num_threads(threads)
+    reference = RowGrad(4096, D, TorchOps)
+    reference.add(many, w, out)
+    torch.testing.assert_close(one, reference.to_dense())
 
 
 @pytest.mark.parametrize("update", ["sgd", "adagrad", "adam"])

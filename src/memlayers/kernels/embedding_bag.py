@@ -201,6 +201,15 @@ class RowGrad:
         return dense if dtype is None else dense.to(dtype)
 
 
+def one_pass_pays(n_rows: int, dim: int) -> bool:
+    """Whether a dense ``(n_rows, dim)`` gradient costs less added up in place, one lookup at a
+    time (a backend's ``dense_grad``), than sorted into row segments and written once. In place
+    each lookup reads and writes its row at random: cheap while the rows are narrow or the whole
+    gradient stays in cache. Measured on a 2-core CPU (2026-12-03): one pass wins for 64-float
+    rows up to 262k rows and for tables up to 8 MiB; 128-float rows of a 32 MiB table break even."""
+    return dim <= 64 or n_rows * dim * 4 <= 8 * 2**20
+
+
 def row_grad_of(param: torch.Tensor) -> RowGrad | None:
     """The row gradient accumulated on ``param`` by ``table_grad="rows"`` reads, or None."""
     return getattr(param, "row_grad", None)
@@ -224,6 +233,8 @@ def read_table_grad(
     if table_grad == "rows":
         accumulate_row_grad(param, ids, weights, grad_out, ops)
         return None
+    if hasattr(ops, "dense_grad") and one_pass_pays(n_rows, grad_out.shape[-1]):
+        return ops.dense_grad(n_rows, ids, weights, grad_out).to(dtype)
     rows = RowGrad(n_rows, grad_out.shape[-1], ops)
     rows.add(ids, weights, grad_out)
     return rows.to_dense(dtype)

@@ -7,12 +7,12 @@ selects those. Then:
 
 - ``reference`` (torch ops, any device): all ``knn**2`` candidate sums and a
   top-k over them; the definition the others are tested against.
-- ``cpu`` (``csrc/search.c``): both halves' top-knn sorted, then a heap walk
-  over the frontier of taken pairs yields the top-knn sums in order in
-  O(knn log knn), never forming the ``knn**2`` sums;
+- ``cpu`` (``csrc/search.c``): both halves' top-knn sorted, then only the
+  pairs that can still win (``(i + 1)(j + 1) <= knn`` and above a score bound,
+  about ``knn ln knn`` of the ``knn**2``) are summed and the best knn selected;
 - ``triton`` (:mod:`memlayers.kernels.triton_search`): each half sorted in
   registers, then the ``knn**2`` sums as one register tile and one sort (on a
-  GPU cheaper than a sequential walk).
+  GPU cheaper than pruning the pairs).
 
 The fast backends' backward scatters the gradient of the selected scores only.
 ``auto`` picks ``triton`` for CUDA tensors when Triton is installed, ``cpu`` for
@@ -50,31 +50,35 @@ def product_key_topk_reference(scores: torch.Tensor, knn: int) -> tuple[torch.Te
     return best_scores, row * n_keys + col
 
 
-def _cpu_topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
-    """The C search over ``s`` ``(P, H, 2, n_keys)`` float32: scores, slots, sub1, sub2, each ``(P * H, knn)``."""
+def _cpu_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor, ...]:
+    """The C search over ``s`` ``(P, H, 2, n_keys)`` float32: scores and slots ``(P * H, knn)``,
+    sub-key rows ``(P * H, 2, knn)`` (see :func:`_select`)."""
     rows, heads, n_keys = s.shape[0] * s.shape[1], s.shape[1], s.shape[-1]
     out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
-    slots, sub1, sub2 = (torch.empty(rows, knn, dtype=torch.long) for _ in range(3))  # (P * H, knn) each
+    slots = torch.empty(rows, knn, dtype=torch.long)  # (P * H, knn)
+    sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (P * H, 2, knn)
     failed = cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
-                              s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub1), cpu.ptr(sub2),
+                              s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), head_stride,
                               grain=16)
     if any(failed):
         raise MemoryError(f"the product-key search could not allocate {n_keys} sub-key scores per thread")
-    return out, slots, sub1, sub2
+    return out, slots, sub
 
 
-def _triton_topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
+def _triton_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor, ...]:
     from memlayers.kernels import triton_search
 
-    return triton_search.topk(s, knn)
+    return triton_search.topk(s, knn, head_stride)
 
 
 KERNELS = {"cpu": _cpu_topk, "triton": _triton_topk}
 
 
-def _select(scores: torch.Tensor, knn: int, backend: str) -> tuple[torch.Tensor, ...]:
-    """A fast backend's selection from half scores ``(..., H, 2, n_keys)``: slot scores
-    (float32), slot ids and both halves' sub-key ids, each ``(P * H, knn)`` with rows ``(p, h)``."""
+def _select(scores: torch.Tensor, knn: int, backend: str, head_stride: int = 0) -> tuple[torch.Tensor, ...]:
+    """A fast backend's selection from half scores ``(..., H, 2, n_keys)``, rows ``(p, h)``: slot
+    scores (float32) and slot ids ``(P * H, knn)``, and the sub-keys each slot reads ``(P * H, 2, knn)``:
+    ``h * head_stride + i`` and ``h * head_stride + n_keys + j`` (``head_stride`` 0: positions in the
+    row's two halves; ``2 * n_keys``: rows of the sub-keys ``(H, 2, n_keys, d)`` as one table)."""
     lead, n_keys = scores.shape[:-2], scores.shape[-1]
     heads = lead[-1] if lead else 1
     # rows (p, h): the leading dims but the last merge into p, which a view can do for the
@@ -82,7 +86,7 @@ def _select(scores: torch.Tensor, knn: int, backend: str) -> tuple[torch.Tensor,
     s = scores.detach().float().reshape(-1, heads, 2, n_keys)  # (P, H, 2, n_keys)
     if s.stride(-1) != 1:
         s = s.contiguous()
-    return KERNELS[backend](s, knn)
+    return KERNELS[backend](s, knn, head_stride)
 
 
 class _FusedTopk(torch.autograd.Function):
@@ -90,8 +94,8 @@ class _FusedTopk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, knn, backend):  # noqa: D102 (autograd hook)
-        out, slots, sub1, sub2 = _select(scores, knn, backend)  # (P * H, knn) each
-        ctx.save_for_backward(sub1, sub2)
+        out, slots, sub = _select(scores, knn, backend)  # (R = P * H, knn), (R, knn), (R, 2, knn)
+        ctx.save_for_backward(sub)
         ctx.shape, ctx.dtype = scores.shape, scores.dtype
         slots = slots.reshape(*scores.shape[:-2], knn)
         ctx.mark_non_differentiable(slots)
@@ -99,12 +103,12 @@ class _FusedTopk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_scores, _):  # noqa: D102 (autograd hook)
-        sub1, sub2 = ctx.saved_tensors
-        grad = grad_scores.reshape(sub1.shape)  # (P * H, knn)
-        # only the selected sub-keys' scores get gradient: one zero fill, two scatters
-        out = torch.zeros(sub1.shape[0], 2, ctx.shape[-1], dtype=grad.dtype, device=grad.device)  # (P * H, 2, n_keys)
-        out[:, 0].scatter_add_(-1, sub1, grad)
-        out[:, 1].scatter_add_(-1, sub2, grad)
+        (sub,) = ctx.saved_tensors
+        R, _, knn = sub.shape
+        grad = grad_scores.reshape(R, 1, knn).expand(R, 2, knn)  # (R, 2, knn): both halves of a slot
+        # only the selected sub-keys' scores get gradient: one zero fill, one scatter
+        out = torch.zeros(R, 2 * ctx.shape[-1], dtype=grad.dtype, device=grad.device)  # (R, 2 * n_keys)
+        out.scatter_add_(-1, sub.reshape(R, 2 * knn), grad.reshape(R, 2 * knn))
         return out.to(ctx.dtype).reshape(ctx.shape), None, None
 
 
@@ -126,10 +130,8 @@ class _SparseSearch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, knn, backend):  # noqa: D102 (autograd hook)
         scores = half_scores(q, keys)  # (..., H, 2, n_keys)
-        out, slots, sub1, sub2 = _select(scores, knn, backend)  # (R = P * H, knn) each
-        H, _, n_keys, half = keys.shape
-        head_base = (torch.arange(sub1.shape[0], device=sub1.device) % H).mul_(2 * n_keys).unsqueeze(1)  # (R, 1)
-        ids = torch.stack([sub1 + head_base, sub2 + head_base + n_keys], dim=1)  # (R, 2, knn): rows of keys as (H*2*n_keys, half)
+        # ids (R = P * H, 2, knn): the rows read of the sub-keys as one (H * 2 * n_keys, half) table
+        out, slots, ids = _select(scores, knn, backend, head_stride=2 * keys.shape[2])  # (R, knn), (R, knn), ids
         ctx.save_for_backward(q, keys, ids)
         lead = scores.shape[:-2]
         slots = slots.reshape(*lead, knn)

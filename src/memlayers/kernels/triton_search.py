@@ -62,7 +62,7 @@ if AVAILABLE:
         tl.store(best_ptr + program.to(tl.int64) * KNN + ids, keys, mask=ids < KNN)
 
     @triton.jit
-    def _pair_topk(best_ptr, scores_ptr, slots_ptr, sub1_ptr, sub2_ptr, n_keys,
+    def _pair_topk(best_ptr, scores_ptr, slots_ptr, sub_ptr, n_keys, heads, head_stride,
                    KNN: tl.constexpr, K_POW: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         k = tl.arange(0, K_POW)
@@ -80,13 +80,15 @@ if AVAILABLE:
         mask = out < KNN
         tl.store(scores_ptr + row * KNN + out, _unordered((keys >> 32).to(tl.int32)), mask=mask)
         tl.store(slots_ptr + row * KNN + out, best_slots, mask=mask)
-        tl.store(sub1_ptr + row * KNN + out, best_slots // n_keys, mask=mask)
-        tl.store(sub2_ptr + row * KNN + out, best_slots % n_keys, mask=mask)
+        base = (row % heads) * head_stride
+        tl.store(sub_ptr + 2 * row * KNN + out, base + best_slots // n_keys, mask=mask)
+        tl.store(sub_ptr + (2 * row + 1) * KNN + out, base + n_keys + best_slots % n_keys, mask=mask)
 
 
-def topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
+def topk(s: torch.Tensor, knn: int, head_stride: int = 0) -> tuple[torch.Tensor, ...]:
     """Top-``knn`` of half scores ``s`` ``(P, H, 2, n_keys)`` (float32, last dim contiguous) per
-    row ``p * H + h``: float32 scores and int64 slot ids, first and second sub-key ids, each ``(P * H, knn)``."""
+    row ``p * H + h``: float32 scores and int64 slot ids, each ``(P * H, knn)``, and the sub-key
+    rows read ``(P * H, 2, knn)``, ``h * head_stride + i`` and ``h * head_stride + n_keys + j``."""
     if not AVAILABLE:
         raise RuntimeError("the Triton search needs triton installed")
     P, H, _, n_keys = s.shape
@@ -95,9 +97,11 @@ def topk(s: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
     rows = P * H
     best = torch.empty(rows * 2, knn, dtype=torch.int64, device=s.device)  # (rows * 2, knn) keys
     scores = torch.empty(rows, knn, dtype=torch.float32, device=s.device)  # (rows, knn)
-    slots, sub1, sub2 = (torch.empty(rows, knn, dtype=torch.int64, device=s.device) for _ in range(3))
+    slots = torch.empty(rows, knn, dtype=torch.int64, device=s.device)  # (rows, knn)
+    sub = torch.empty(rows, 2, knn, dtype=torch.int64, device=s.device)  # (rows, 2, knn)
     if rows:
         _half_topk[(rows * 2,)](s, best, H, s.stride(0), s.stride(1), s.stride(2), n_keys, KNN=knn,
                                 N_POW=triton.next_power_of_2(n_keys))
-        _pair_topk[(rows,)](best, scores, slots, sub1, sub2, n_keys, KNN=knn, K_POW=triton.next_power_of_2(knn))
-    return scores, slots, sub1, sub2
+        _pair_topk[(rows,)](best, scores, slots, sub, n_keys, H, head_stride, KNN=knn,
+                            K_POW=triton.next_power_of_2(knn))
+    return scores, slots, sub

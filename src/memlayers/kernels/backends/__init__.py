@@ -17,6 +17,9 @@ whose static methods provide them:
     the squared norm of a :class:`~memlayers.kernels.embedding_bag.RowGrad` (for clipping).
 ``sgd``, ``adagrad``, ``adam``
     the row-sparse optimizer updates of a table from a ``RowGrad`` or ``(rows, grads)``.
+``dense_grad(n_rows, ids, weights, grad_out)`` (optional)
+    a fixed-size read's dense table gradient ``(n_rows, d)`` in one pass; without it the
+    gradient is a ``RowGrad`` written out (sorted into row segments, then one bag per row).
 
 Backends (``table_grad="rows"`` reads record which one made the gradient, and
 the optimizer step uses the same one):

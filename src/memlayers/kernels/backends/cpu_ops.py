@@ -84,6 +84,23 @@ class CpuOps(TorchOps):
         return out
 
     @staticmethod
+    def dense_grad(n_rows: int, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The dense table gradient of fixed-size bags, float32 ``(n_rows, d)``: row ``r`` sums
+        ``weights[b, k] * grad_out[b]`` over the lookups ``ids[b, k] == r``, in lookup order."""
+        if ids.dim() != 2 or weights.shape != ids.shape or grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0]:
+            raise ValueError(f"dense_grad: ids {tuple(ids.shape)}, weights {tuple(weights.shape)} and grad_out "
+                             f"{tuple(grad_out.shape)} must be (B, K), (B, K) and (B, d)")
+        check_ids(ids, n_rows, "dense_grad")
+        ids, weights = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # the C kernel reads int64
+        grad_out = grad_out.float().contiguous()
+        d = grad_out.shape[1]
+        out = torch.empty(n_rows, d)  # (N, d)
+        # split by rows, not lookups: threads never write the same row (grain: a thread scans every lookup)
+        cpu.parallel_for(cpu.library().dense_grad, n_rows, cpu.ptr(out), d, cpu.ptr(ids), cpu.ptr(weights),
+                         ids.numel(), ids.shape[1], cpu.ptr(grad_out), grain=1024)
+        return out
+
+    @staticmethod
     def sq_norm(grad) -> float:
         """Squared norm of a ``RowGrad`` without writing its rows out (float32 CPU gradients)."""
         seg = grad.segments()

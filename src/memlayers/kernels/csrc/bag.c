@@ -76,28 +76,32 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
         }                                                                                              \
     }
 
-/* out[b * K + k] = grad_out[b] . table[ids[b * K + k]]  (weight gradient of fixed-size bags) */
+/* out[b * K + k] = grad_out[b] . table[ids[b * K + k]]  (weight gradient of fixed-size bags).
+ * UNROLL rows at a time, as the bag: each row's dot product is kept in LANES partial sums
+ * (one vector register) and reduced once at the end, instead of a horizontal sum per chunk. */
+#define LANES 8
 #define DEFINE_BAG_DOT(NAME, T, LOAD)                                                                  \
     void NAME(const T *table, int64_t d, const int64_t *ids, int64_t K, const float *grad_out,          \
               float *out, int64_t start, int64_t stop) {                                               \
+        const int64_t body = d - d % LANES;                                                            \
         for (int64_t b = start; b < stop; b++) {                                                       \
             const float *restrict g = grad_out + b * d;                                                \
             int64_t j = b * K;                                                                         \
             const int64_t end = (b + 1) * K;                                                           \
-            for (; j + UNROLL / 2 <= end; j += UNROLL / 2) {                                           \
-                const T *restrict r0 = table + ids[j] * d, *restrict r1 = table + ids[j + 1] * d;      \
-                const T *restrict r2 = table + ids[j + 2] * d, *restrict r3 = table + ids[j + 3] * d;  \
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                      \
-                _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t c = 0; c < d; c++) {    \
-                    a0 += g[c] * LOAD(r0[c]);                                                          \
-                    a1 += g[c] * LOAD(r1[c]);                                                          \
-                    a2 += g[c] * LOAD(r2[c]);                                                          \
-                    a3 += g[c] * LOAD(r3[c]);                                                          \
+            for (; j + UNROLL <= end; j += UNROLL) {                                                   \
+                const T *restrict r[UNROLL];                                                           \
+                for (int q = 0; q < UNROLL; q++) r[q] = table + ids[j + q] * d;                        \
+                float acc[UNROLL][LANES] = {{0.0f}};                                                   \
+                for (int64_t c = 0; c < body; c += LANES)                                              \
+                    for (int q = 0; q < UNROLL; q++)                                                   \
+                        _Pragma("omp simd") for (int l = 0; l < LANES; l++) acc[q][l] +=               \
+                            g[c + l] * LOAD(r[q][c + l]);                                              \
+                for (int q = 0; q < UNROLL; q++) {                                                     \
+                    float total = 0.0f;                                                                \
+                    for (int l = 0; l < LANES; l++) total += acc[q][l];                                \
+                    for (int64_t c = body; c < d; c++) total += g[c] * LOAD(r[q][c]);                  \
+                    out[j + q] = total;                                                                \
                 }                                                                                      \
-                out[j] = a0;                                                                           \
-                out[j + 1] = a1;                                                                       \
-                out[j + 2] = a2;                                                                       \
-                out[j + 3] = a3;                                                                       \
             }                                                                                          \
             for (; j < end; j++) {                                                                     \
                 const T *restrict row = table + ids[j] * d;                                            \
@@ -108,6 +112,24 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
             }                                                                                          \
         }                                                                                              \
     }
+
+/* The dense table gradient of fixed-size bags, rows [start, stop) of it:
+ * grad[r] = sum over lookups j with ids[j] == r of w[j] * grad_out[j / K], summed in ascending j
+ * (so each row's sum has one order however the rows are split over threads; each thread
+ * scans every lookup and keeps those of its rows). The rows in range are zeroed first. */
+void dense_grad(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K,
+                const float *grad_out, int64_t start, int64_t stop) {
+    memset(grad + start * d, 0, (size_t)(stop - start) * (size_t)d * sizeof(float));
+    for (int64_t j = 0; j < n_lookups; j++) {
+        const int64_t r = ids[j];
+        if (r < start || r >= stop) continue;
+        float *restrict o = grad + r * d;
+        const float *restrict g = grad_out + (j / K) * d;
+        const float wj = w[j];
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];
+    }
+}
 
 DEFINE_BAG(bag_f32, float, F32_LOAD)
 DEFINE_BAG(bag_bf16, uint16_t, BF16_LOAD)

@@ -145,13 +145,22 @@ def uses_row_grads(config: OptimConfig) -> bool:
     return config.value_optimizer in ROW_OPTIMIZERS
 
 
+def _adamw(groups: list[dict], config: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over ``groups``, fused (one kernel over all tensors: on the CPU about 3x
+    faster than the default for-each step, 2026-12-03) where torch has the fused kernel."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             fused=fused or None)
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW | ChainedOptimizer:
     """AdamW over :func:`param_groups`, or AdamW for the model chained with the
     row-sparse ``value_optimizer`` for the value tables."""
     groups = param_groups(model, config)
     betas = (config.beta1, config.beta2)
     if not uses_row_grads(config):
-        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
+        return _adamw(groups, config)
     values = [g for g in groups if g["name"] == "values"]
     rest = [g for g in groups if g["name"] != "values"]
     cls = ROW_OPTIMIZERS[config.value_optimizer]
@@ -160,7 +169,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
         kwargs.update(betas=betas, eps=config.eps, state_dtype=getattr(torch, config.value_state_dtype))
     elif cls is RowAdagrad:
         kwargs["eps"] = config.eps
-    optimizers = [torch.optim.AdamW(rest, lr=config.lr, betas=betas, eps=config.eps)] if rest else []
+    optimizers = [_adamw(rest, config)] if rest else []
     if values:
         optimizers.append(cls(values, **kwargs))
     return ChainedOptimizer(optimizers)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from memlayers.bench.timing import environment, format_table, source_commit, time_ms
+from memlayers.bench.timing import environment, format_table, source_commit, time_interleaved
 from memlayers.memory import MemoryConfig, MemoryLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ TARGETS = {"rows": 3.0, "dense": 1.5}
 """Issue 13: memlayers' layer against the peer, tokens/s ratio, per table gradient."""
 
 
-def _time(layer: torch.nn.Module, x: torch.Tensor, repeat: int) -> float:
+def _step(layer: torch.nn.Module, x: torch.Tensor):
+    """Forward and backward of ``layer`` on ``x``, gradients dropped after: a function to time."""
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def step():
@@ -39,7 +40,7 @@ def _time(layer: torch.nn.Module, x: torch.Tensor, repeat: int) -> float:
             if hasattr(p, "row_grad"):
                 p.row_grad = None
 
-    return time_ms(step, torch.device("cpu"), repeat)
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(batch, seq, dim)
     tokens = batch * seq
     peer = PKM(dim, heads=heads, num_keys=n_keys, topk=knn, dim_head=half)
-    rows = [{"layer": "product-key-memory (peer)", "table gradient": "dense", "ms": _time(peer, x, args.repeat)}]
+    steps = {("product-key-memory (peer)", "dense"): _step(peer, x)}
     for variant in ("plain", "plus"):
         for table_grad in ("dense", "rows"):
             config = MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=2 * half, variant=variant)
-            layer = MemoryLayer(dim, config, table_grad=table_grad)
-            rows.append({"layer": f"memlayers {variant}", "table gradient": table_grad,
-                         "ms": _time(layer, x, args.repeat)})
+            steps[f"memlayers {variant}", table_grad] = _step(MemoryLayer(dim, config, table_grad=table_grad), x)
+    # in turns, so that the machine's drift during the run (20% here) moves every layer alike
+    times = time_interleaved(steps, torch.device("cpu"), args.repeat)
+    rows = [{"layer": layer, "table gradient": grad, "ms": ms} for (layer, grad), ms in times.items()]
     for row in rows:
         row["tokens/s"] = tokens / (row["ms"] / 1e3)
         row["vs peer"] = rows[0]["ms"] / row["ms"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memlayers import bench
-from memlayers.bench.timing import source_commit
+from memlayers.bench.timing import source_commit, time_interleaved
 from memlayers.cli import main
 from memlayers.kernels import cpu
 
@@ -121,6 +121,18 @@ def test_a_device_the_machine_lacks_is_a_config_error(monkeypatch, capsys, devic
     assert main(["bench", "bag", "--quick", "--device", device]) == 2
     err = capsys.readouterr().err
     assert err == f"memlayers: config error: {message}\n"
+
+
+def test_interleaved_timing_calls_the_variants_in_turns_and_reports_each_median(monkeypatch):
+    from memlayers.bench import timing
+
+    clock = iter([0, 1, 10, 13, 20, 22, 30, 37, 40, 48, 50, 55])  # seconds at each start and stop
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             torch.device("cpu"), repeat=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then one of each per round
+    assert times == {"a": 2000.0, "b": 5000.0}  # medians of (1, 2, 8) s and (3, 7, 5) s
 
 
 def test_source_commit_names_the_commit_and_marks_changed_code(tmp_path):

@@ -12,11 +12,12 @@ memory >= 0.8, MoE >= 0.7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memlayers.bench.timing import time_ms
+from memlayers.bench.timing import time_interleaved
 from memlayers.demo.runner import demo_config
 from memlayers.demo.suite import build_runs, largest_of_each_kind
 from memlayers.model import Transformer
@@ -41,8 +42,8 @@ class LMShape:
     """Rows per step (None: the preset's ``train.batch_size``)."""
 
 
-def _step_ms(run, vocab_size: int, batch_size: int, seq_len: int, device: torch.device, repeat: int) -> float:
-    """Median time of one training step of ``run``'s model on random tokens."""
+def _step(run, vocab_size: int, batch_size: int, seq_len: int, device: torch.device) -> Callable[[], None]:
+    """One training step of ``run``'s model on random tokens, as a function."""
     torch.manual_seed(0)
     config = run.config
     model = Transformer(config.model).to(device)
@@ -58,11 +59,11 @@ def _step_ms(run, vocab_size: int, batch_size: int, seq_len: int, device: torch.
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_ms(step, device, repeat)
+    return step
 
 
 def bench_lm(shape: LMShape, device: torch.device, repeat: int = 5) -> dict:
-    """(f): tokens/s per kind and setting, and each kind's ratio to dense."""
+    """(f): tokens/s per kind and setting (the kinds' steps timed in turns), and each kind's ratio to dense."""
     settings = []
     for name, overrides in shape.settings.items():
         demo = demo_config(False, overrides)
@@ -70,10 +71,12 @@ def bench_lm(shape: LMShape, device: torch.device, repeat: int = 5) -> dict:
         runs = largest_of_each_kind(build_runs(demo, DataConfig(), "unused", vocab_size))
         batch = shape.batch_size or demo.train.batch_size
         tokens = batch * demo.seq_len
+        steps = {kind: _step(runs[kind], vocab_size, batch, demo.seq_len, device) for kind in KINDS}
+        times = time_interleaved(steps, device, repeat, warmup=2)
         rows = {}
         for kind in KINDS:
             model = runs[kind].config.model
-            ms = _step_ms(runs[kind], vocab_size, batch, demo.seq_len, device, repeat)
+            ms = times[kind]
             rows[kind] = {"run": runs[kind].name, "ms": ms, "tokens_per_s": tokens / (ms / 1e3),
                           "flops_per_token": count_flops(model).total, "params": count_parameters(model).total,
                           "value_optimizer": runs[kind].config.optim.value_optimizer}

@@ -11,7 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import date
 from pathlib import Path
 
@@ -36,6 +36,25 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5, war
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict[Hashable, Callable[[], object]], device: torch.device, repeat: int = 5,
+                     warmup: int = 1) -> dict[Hashable, float]:
+    """Median wall time in milliseconds of each of ``fns``, timed in turns (one call of each
+    per round), so that a machine slowing down or speeding up during the run moves every
+    variant alike and cancels out of their ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def device_name(device: torch.device) -> str:

@@ -22,6 +22,7 @@ CASES = [
     ((300, 4), 256, 32),  # enough rows to be split over threads
     ((2,), 8, 8),  # knn == n_keys: every pair is a candidate
     ((5,), 40, 1),
+    ((30, 2), 37, 5),  # n_keys no multiple of 8: the vector scan's scalar tail
     ((20,), 200, 100),  # knn past the rank sort: insertion-sorted
     ((3,), 512, 400),  # candidates past the kernel's stack buffer
 ]

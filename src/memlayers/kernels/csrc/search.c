@@ -19,6 +19,23 @@
 
 #define MAX_KNN 1024
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* compress_lut[m]: the lanes set in the 8-bit mask m, first, as a permutation (the
+ * rest 0): what AVX2 lacks of AVX-512's compress. Filled when the library loads. */
+static uint32_t compress_lut[256][8];
+
+__attribute__((constructor)) static void build_compress_lut(void) {
+    for (int m = 0; m < 256; m++) {
+        int t = 0;
+        for (int lane = 0; lane < 8; lane++)
+            if (m >> lane & 1) compress_lut[m][t++] = (uint32_t)lane;
+        for (; t < 8; t++) compress_lut[m][t] = 0;
+    }
+}
+#endif
+
 /* Order-preserving 32-bit key of a float: larger float, larger key; NaN above
  * +inf, as torch.topk ranks it. */
 static inline uint32_t float_key(float f) {
@@ -93,7 +110,42 @@ static void select_sorted(uint64_t *buf, int64_t hi, int64_t k) {
  * groups (i mod k) and take the smallest of the k group maxima. Those maxima
  * are k distinct scores >= it, so the k-th largest score is too, and only the
  * scores >= it (about 3k of 256 for random scores) are candidates. The group
- * maxima are one vectorised pass. buf holds n keys. */
+ * maxima are one vectorised pass. buf has room for n + 8 keys. */
+/* The sort keys of the scores s[0..n) whose keys are >= threshold, packed into
+ * buf (which has room for n + 8); returns how many. With AVX2, 8 scores at a time
+ * without a branch: keys compared in signed order, the winners' lanes moved to
+ * the front by a table permutation, stored whole, and the count advanced. */
+static int64_t candidates(const float *s, int64_t n, uint32_t threshold, uint64_t *buf) {
+    int64_t hi = 0, i = 0;
+#if defined(__AVX2__)
+    const __m256i low31 = _mm256_set1_epi32(0x7fffffff), top = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i bound = _mm256_set1_epi32((int)(threshold ^ 0x80000000u));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), ones = _mm256_set1_epi32(-1);
+    for (; i + 8 <= n; i += 8) {
+        const __m256i u = _mm256_loadu_si256((const __m256i *)(s + i));
+        /* float_key(f) ^ 0x80000000: the float order as signed integers */
+        const __m256i ordered = _mm256_xor_si256(u, _mm256_and_si256(_mm256_srai_epi32(u, 31), low31));
+        const __m256i below = _mm256_cmpgt_epi32(bound, ordered);
+        const int mask = ~_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 0xff;
+        const __m256i order = _mm256_loadu_si256((const __m256i *)compress_lut[mask]);
+        const __m256i keys = _mm256_permutevar8x32_epi32(_mm256_xor_si256(ordered, top), order);
+        const __m256i ids = _mm256_permutevar8x32_epi32(
+            _mm256_xor_si256(_mm256_add_epi32(lanes, _mm256_set1_epi32((int)i)), ones), order); /* ~id */
+        /* 64-bit sort keys: key above, ~id below (unpack works per 128-bit half, hence the permutes) */
+        const __m256i first = _mm256_unpacklo_epi32(ids, keys), second = _mm256_unpackhi_epi32(ids, keys);
+        _mm256_storeu_si256((__m256i *)(buf + hi), _mm256_permute2x128_si256(first, second, 0x20));
+        _mm256_storeu_si256((__m256i *)(buf + hi + 4), _mm256_permute2x128_si256(first, second, 0x31));
+        hi += __builtin_popcount((unsigned)mask);
+    }
+#endif
+    for (; i < n; i++) {
+        const uint32_t v = float_key(s[i]);
+        buf[hi] = sort_key(v, i);
+        hi += v >= threshold;
+    }
+    return hi;
+}
+
 static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, float *val, int64_t *idx) {
     uint32_t group_max[MAX_KNN];
     for (int64_t j = 0; j < k; j++) group_max[j] = 0;
@@ -106,13 +158,7 @@ static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, floa
     }
     uint32_t threshold = group_max[0];
     for (int64_t j = 1; j < k; j++) threshold = group_max[j] < threshold ? group_max[j] : threshold;
-    int64_t hi = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t v = float_key(s[i]);
-        buf[hi] = sort_key(v, i);
-        hi += v >= threshold;
-    }
-    select_sorted(buf, hi, k);
+    select_sorted(buf, candidates(s, n, threshold, buf), k);
     for (int64_t t = 0; t < k; t++) {
         idx[t] = (int64_t)(uint32_t)~(uint32_t)buf[t];
         val[t] = s[idx[t]];
@@ -150,8 +196,8 @@ int product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t st
                       int64_t start, int64_t stop) {
     float a[MAX_KNN], b[MAX_KNN];
     int64_t ia[MAX_KNN], ib[MAX_KNN];
-    /* n keys for a half; k (2 + ln k) < 11k for the pairs (k <= 1024) */
-    const int64_t size = n > 11 * k ? n : 11 * k;
+    /* n + 8 keys for a half; k (1 + ln k) < 11k for the pairs (k <= 1024) */
+    const int64_t size = n + 8 > 11 * k ? n + 8 : 11 * k;
     uint64_t stack_buf[4096];
     uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
     if (buf == NULL) return 1;

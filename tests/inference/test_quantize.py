@@ -63,3 +63,23 @@ def test_bad_requests_are_one_line(checkpoint, tmp_path, capsys):
     config = write_config(tmp_path / "train.yaml", tmp_path / "run")
     assert main(["train", str(config), "model.memory.value_dtype=int8"]) == 2
     assert "value tables are for inference" in capsys.readouterr().err
+
+
+def test_a_quantized_checkpoint_exports_to_transformers_and_stays_quantized(checkpoint, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import memlayers.integrations.hf  # noqa: F401 (registers the model with transformers' Auto classes)
+
+    assert main(["quantize", str(checkpoint), "--bits", "4", "--group-size", "8", "--out", str(tmp_path / "q")]) == 0
+    quantized = resolve_checkpoint(tmp_path / "q")
+    assert main(["export", str(quantized), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    model, tokenizer, _ = load_pretrained(quantized)
+    assert all(isinstance(layer.pool.values, QuantizedTable) and layer.pool.values.bits == 4
+               for layer in hf.model.memory_layers())
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+    # training a quantized checkpoint is refused in either direction
+    assert main(["shard", str(quantized), "--out", str(tmp_path / "sharded")]) == 2
+    assert "has no optimizer state; it cannot resume training" in capsys.readouterr().err

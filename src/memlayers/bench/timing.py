@@ -26,16 +26,7 @@ def synchronize(device: torch.device) -> None:
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return time_interleaved({None: fn}, device, repeat, warmup)[None]
 
 
 def time_interleaved(fns: dict[Hashable, Callable[[], object]], device: torch.device, repeat: int = 5,

@@ -61,7 +61,8 @@ def _cpu_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor
                               s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), head_stride,
                               grain=16)
     if any(failed):
-        raise MemoryError(f"the product-key search could not allocate {n_keys} sub-key scores per thread")
+        raise MemoryError(f"the product-key search could not allocate its candidate keys per thread "
+                          f"(n_keys {n_keys}, knn {knn})")
     return out, slots, sub
 
 

@@ -106,8 +106,9 @@ def check_fits(model: ModelConfig, batch_size: int, seq_len: int, device: torch.
 
     A lower bound: fp32 weights, gradients and two AdamW moments (16 bytes per
     parameter, split over the ``shards`` ranks that share one copy of the model),
-    rotary tables, and per layer a few activations of the batch plus the logits. A run this refuses would fail
-    allocating (or be killed by the OOM killer half-way through).
+    rotary tables, and per layer a few activations of the batch plus the logits.
+    A run this refuses would fail allocating (or be killed by the OOM killer
+    half-way through).
     """
     params = count_parameters(model).total
     tokens = batch_size * seq_len

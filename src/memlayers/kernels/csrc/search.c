@@ -9,9 +9,9 @@
  * with (i + 1)(j + 1) <= k; and only those scoring at least the larger of
  * a[k-1] + b[0] and a[0] + b[k-1] (k pairs reach each). About k ln k pairs pass
  * (knn 32: under 120 of 1,024), and the top-k of those is the same branch-light
- * selection as each half's. Compiled
- * with bag.c into one library (kernels/cpu.py); every function works on the row
- * range [start, stop) so callers can split it over threads.
+ * selection as each half's. Compiled with bag.c into one library (kernels/cpu.py);
+ * every function works on the row range [start, stop) so callers can split it
+ * over threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -104,13 +104,6 @@ static void select_sorted(uint64_t *buf, int64_t hi, int64_t k) {
     sort_descending(buf, k);
 }
 
-/* The k largest of s[0..n) into val/idx in descending order.
- *
- * First a threshold that cannot exclude a winner: split the scores into k
- * groups (i mod k) and take the smallest of the k group maxima. Those maxima
- * are k distinct scores >= it, so the k-th largest score is too, and only the
- * scores >= it (about 3k of 256 for random scores) are candidates. The group
- * maxima are one vectorised pass. buf has room for n + 8 keys. */
 /* The sort keys of the scores s[0..n) whose keys are >= threshold, packed into
  * buf (which has room for n + 8); returns how many. With AVX2, 8 scores at a time
  * without a branch: keys compared in signed order, the winners' lanes moved to
@@ -146,6 +139,13 @@ static int64_t candidates(const float *s, int64_t n, uint32_t threshold, uint64_
     return hi;
 }
 
+/* The k largest of s[0..n) into val/idx in descending order.
+ *
+ * First a threshold that cannot exclude a winner: split the scores into k
+ * groups (i mod k) and take the smallest of the k group maxima. Those maxima
+ * are k distinct scores >= it, so the k-th largest score is too, and only the
+ * scores >= it (about 3k of 256 for random scores) are candidates. The group
+ * maxima are one vectorised pass. buf has room for n + 8 keys. */
 static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, float *val, int64_t *idx) {
     uint32_t group_max[MAX_KNN];
     for (int64_t j = 0; j < k; j++) group_max[j] = 0;

@@ -82,30 +82,40 @@ def test_row_gradient_and_its_norm_match_the_reference(ops):
 def test_a_one_pass_dense_gradient_matches_the_written_out_row_gradient(ops):
     if not hasattr(ops, "dense_grad"):
         pytest.skip("this backend writes dense gradients through RowGrad")
-    _, ids, weights, grad_out = lookups()
+    table, ids, weights, grad_out = lookups()
     reference = RowGrad(N, D, TorchOps)
     reference.add(ids, weights, grad_out)
-    dense = ops.dense_grad(N, ids, weights, grad_out)
+    dense, dots = ops.dense_grad(N, ids, weights, grad_out)
+    assert dots is None  # no table, no weight gradient
     torch.testing.assert_close(dense, reference.to_dense())
     assert dense[N - 10:].eq(0).all()  # rows never read: zero, though the output starts uninitialised
     with pytest.raises(IndexError, match="must lie in"):
         ops.dense_grad(N - 20, ids, weights, grad_out)
+    with pytest.raises(ValueError, match="the table is"):
+        ops.dense_grad(N, ids, weights, grad_out, table[:, :-1])
+    # with the table: the weight gradient in the same pass, float32 and bfloat16 tables
+    for t in (table, table.bfloat16()):
+        same, dots = ops.dense_grad(N, ids, weights, grad_out, t)
+        assert torch.equal(same, dense)
+        torch.testing.assert_close(dots, TorchOps.bag_dot(t.float(), ids, grad_out))
     # a table big enough to be split over threads by rows: the same sums as one thread
     g = torch.Generator().manual_seed(1)
     many = torch.randint(0, 4096, (64, 32), generator=g)
     many[:, 1] = many[:, 0]
-    w, out = torch.randn(64, 32, generator=g), torch.randn(64, D, generator=g)
+    w, out, big = torch.randn(64, 32, generator=g), torch.randn(64, D + 3, generator=g), torch.randn(4096, D + 3, generator=g)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.dense_grad(4096, many, w, out)
+        one, one_dots = ops.dense_grad(4096, many, w, out, big)
         torch.set_num_threads(4)
-        assert torch.equal(ops.dense_grad(4096, many, w, out), one)
+        four, four_dots = ops.dense_grad(4096, many, w, out, big)
+        assert torch.equal(four, one) and torch.equal(four_dots, one_dots)
     finally:
         torch.set_num_threads(threads)
-    reference = RowGrad(4096, D, TorchOps)
+    reference = RowGrad(4096, D + 3, TorchOps)
     reference.add(many, w, out)
     torch.testing.assert_close(one, reference.to_dense())
+    torch.testing.assert_close(one_dots, TorchOps.bag_dot(big, many, out))
 
 
 @pytest.mark.parametrize("update", ["sgd", "adagrad", "adam"])

@@ -6,6 +6,7 @@ import torch
 from memlayers.kernels import cpu
 from memlayers.kernels.search import (
     MAX_CPU_KNN,
+    half_scores,
     product_key_search,
     product_key_topk,
     product_key_topk_reference,
@@ -112,6 +113,22 @@ def selected_scores(q, keys, slots):
     heads = torch.arange(keys.shape[0]).view(-1, 1)  # (H, 1) broadcasts over (..., H, knn)
     k1, k2 = keys[heads, 0, slots // n_keys], keys[heads, 1, slots % n_keys]  # (..., H, knn, d) each
     return (k1 * q[..., 0, None, :]).sum(-1) + (k2 * q[..., 1, None, :]).sum(-1)  # (..., H, knn)
+
+
+@needs_c
+@pytest.mark.parametrize("lead,heads,n_keys,knn,half", [
+    ((37,), 3, 100, 7, 5),  # a block of sub-keys and a tail; rows of a head not a multiple of 4
+    ((2, 65), 4, 256, 16, 16),  # the demo's layer: rows split over threads
+    ((6,), 1, 64, 64, 1),  # knn == n_keys, one dimension per half
+])
+def test_c_search_scoring_in_its_kernel_equals_scoring_first(lead, heads, n_keys, knn, half):
+    torch.manual_seed(n_keys + half)
+    q, keys = torch.randn(*lead, heads, 2, half), torch.randn(heads, 2, n_keys, half)
+    scores, slots = product_key_search(q, keys, knn, "cpu")  # float32: scored inside the kernel
+    ref_scores, ref_slots = product_key_topk(half_scores(q, keys), knn, "cpu")  # scored by torch, then selected
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+    assert (slots == ref_slots).all(-1).float().mean() > 0.95  # but where sums tie within rounding
+    torch.testing.assert_close(selected_scores(q, keys, slots), scores, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,lead,n_keys,knn", [

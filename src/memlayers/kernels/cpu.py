@@ -42,26 +42,28 @@ SIGNATURES: dict[str, list] = {
     "bag": [_P, _I64, _P, _P, _P, _P, _I64, _I64],
     "bag_dot": [_P, _I64, _P, _I64, _P, _P, _I64, _I64],
     "row_grad_sq_norm": [_P, _P, _P, _P, _I64, _I64, _I64],
-    "dense_grad": [_P, _I64, _P, _P, _I64, _I64, _P, _I64, _I64],
+    "dense_grad": [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64, _I64],
     "sgd": [_P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64],
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
     "product_key_topk": [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64],
+    "product_key_search": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64],
     "bag_q8": [_P, _P, _I64, _P, _P, _P, _P, _I64, _I64],
     "bag_q4": [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
 }
 # what the functions that return something return (the others return nothing)
-RESTYPES = {"row_grad_sq_norm": ctypes.c_double, "product_key_topk": ctypes.c_int}
+RESTYPES = {"row_grad_sq_norm": ctypes.c_double, "product_key_topk": ctypes.c_int, "product_key_search": ctypes.c_int}
 # dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
 VARIANTS: dict[str, tuple[str, ...]] = {
     "bag": ("_f32", "_bf16"),
     "bag_dot": ("_f32", "_bf16"),
     "row_grad_sq_norm": ("",),
-    "dense_grad": ("",),
+    "dense_grad": ("_f32", "_bf16"),
     "sgd": ("_f32", "_bf16"),
     "adagrad": ("_f32", "_bf16"),
     "adam": ("_f32_f32", "_f32_bf16", "_bf16_f32", "_bf16_bf16"),
     "product_key_topk": ("",),
+    "product_key_search": ("",),
     "bag_q8": ("",),
     "bag_q4": ("",),
 }

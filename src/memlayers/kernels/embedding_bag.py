@@ -234,7 +234,7 @@ def read_table_grad(
         accumulate_row_grad(param, ids, weights, grad_out, ops)
         return None
     if hasattr(ops, "dense_grad") and one_pass_pays(n_rows, grad_out.shape[-1]):
-        return ops.dense_grad(n_rows, ids, weights, grad_out).to(dtype)
+        return ops.dense_grad(n_rows, ids, weights, grad_out)[0].to(dtype)
     rows = RowGrad(n_rows, grad_out.shape[-1], ops)
     rows.add(ids, weights, grad_out)
     return rows.to_dense(dtype)
@@ -262,6 +262,12 @@ class BagFunction(torch.autograd.Function):
             grad_weights, rows, row_grads = ctx.ops.backward_atomic(table, indices, weights, grad_out)
             grad_table = torch.zeros_like(table).index_copy_(0, rows, row_grads.to(table.dtype))  # (N, d)
             return None, grad_weights.to(weights.dtype) if ctx.needs_input_grad[1] else None, grad_table, None, None
+        if (
+            ctx.table_grad == "dense" and all(ctx.needs_input_grad[1:3]) and hasattr(ctx.ops, "dense_grad")
+            and one_pass_pays(*table.shape)
+        ):  # both gradients in one pass over the lookups
+            grad_table, grad_weights = ctx.ops.dense_grad(table.shape[0], indices, weights, grad_out, table)
+            return None, grad_weights.to(weights.dtype), grad_table.to(table.dtype), None, None
         if ctx.needs_input_grad[1]:
             grad_weights = ctx.ops.bag_dot(table, indices, grad_out).to(weights.dtype)  # (B, K)
         if ctx.needs_input_grad[2]:

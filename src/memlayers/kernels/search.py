@@ -9,7 +9,10 @@ selects those. Then:
   top-k over them; the definition the others are tested against.
 - ``cpu`` (``csrc/search.c``): both halves' top-knn sorted, then only the
   pairs that can still win (``(i + 1)(j + 1) <= knn`` and above a score bound,
-  about ``knn ln knn`` of the ``knn**2``) are summed and the best knn selected;
+  about ``knn ln knn`` of the ``knn**2``) are summed and the best knn selected.
+  :func:`product_key_search` with float32 queries also scores the sub-keys
+  inside the kernel, four rows of a head at a time, so the ``(..., H, 2, n_keys)``
+  scores are never written to memory;
 - ``triton`` (:mod:`memlayers.kernels.triton_search`): each half sorted in
   registers, then the ``knn**2`` sums as one register tile and one sort (on a
   GPU cheaper than pruning the pairs).
@@ -62,6 +65,25 @@ def _cpu_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor
                               grain=16)
     if any(failed):
         raise MemoryError(f"the product-key search could not allocate its candidate keys per thread "
+                          f"(n_keys {n_keys}, knn {knn})")
+    return out, slots, sub
+
+
+def _cpu_search(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
+    """The C search with the scoring fused in, for float32 queries ``(..., H, 2, d)`` and sub-keys
+    ``(H, 2, n_keys, d)``: what :func:`_select` returns with ``head_stride = 2 * n_keys``, without
+    writing the half scores out (each row's stay in a buffer of the kernel)."""
+    heads, _, n_keys, d = keys.shape
+    q = q.detach().contiguous()  # (..., H, 2, d): rows (p, h)
+    kt = keys.detach().transpose(-1, -2).contiguous()  # (H, 2, d, n_keys): a query's scores are a vector loop
+    rows = q.numel() // (2 * d)
+    out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
+    slots = torch.empty(rows, knn, dtype=torch.long)  # (P * H, knn)
+    sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (P * H, 2, knn)
+    failed = cpu.parallel_for(cpu.kernel("product_key_search"), rows, cpu.ptr(q), cpu.ptr(kt), heads, d, n_keys, knn,
+                              cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), 2 * n_keys, grain=16)
+    if any(failed):
+        raise MemoryError(f"the product-key search could not allocate its scores and candidate keys per thread "
                           f"(n_keys {n_keys}, knn {knn})")
     return out, slots, sub
 
@@ -130,14 +152,16 @@ class _SparseSearch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, knn, backend):  # noqa: D102 (autograd hook)
-        scores = half_scores(q, keys)  # (..., H, 2, n_keys)
         # ids (R = P * H, 2, knn): the rows read of the sub-keys as one (H * 2 * n_keys, half) table
-        out, slots, ids = _select(scores, knn, backend, head_stride=2 * keys.shape[2])  # (R, knn), (R, knn), ids
+        if backend == "cpu" and q.dtype == keys.dtype == torch.float32:
+            out, slots, ids = _cpu_search(q, keys, knn)  # (R, knn), (R, knn), ids
+        else:
+            out, slots, ids = _select(half_scores(q, keys), knn, backend, head_stride=2 * keys.shape[2])
         ctx.save_for_backward(q, keys, ids)
-        lead = scores.shape[:-2]
+        lead = q.shape[:-2]
         slots = slots.reshape(*lead, knn)
         ctx.mark_non_differentiable(slots)
-        return out.to(scores.dtype).reshape(*lead, knn), slots
+        return out.to(q.dtype).reshape(*lead, knn), slots
 
     @staticmethod
     def backward(ctx, grad_scores, _):  # noqa: D102 (autograd hook)

@@ -17,8 +17,9 @@ whose static methods provide them:
     the squared norm of a :class:`~memlayers.kernels.embedding_bag.RowGrad` (for clipping).
 ``sgd``, ``adagrad``, ``adam``
     the row-sparse optimizer updates of a table from a ``RowGrad`` or ``(rows, grads)``.
-``dense_grad(n_rows, ids, weights, grad_out)`` (optional)
-    a fixed-size read's dense table gradient ``(n_rows, d)`` in one pass; without it the
+``dense_grad(n_rows, ids, weights, grad_out, table=None)`` (optional)
+    a fixed-size read's dense table gradient ``(n_rows, d)`` in one pass, and with the
+    ``table`` its weight gradient (as ``bag_dot``) in the same pass; without it the
     gradient is a ``RowGrad`` written out (sorted into row segments, then one bag per row).
 
 Backends (``table_grad="rows"`` reads record which one made the gradient, and

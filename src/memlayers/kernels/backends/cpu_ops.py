@@ -84,9 +84,13 @@ class CpuOps(TorchOps):
         return out
 
     @staticmethod
-    def dense_grad(n_rows: int, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    def dense_grad(
+        n_rows: int, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, table: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense table gradient of fixed-size bags, float32 ``(n_rows, d)``: row ``r`` sums
-        ``weights[b, k] * grad_out[b]`` over the lookups ``ids[b, k] == r``, in lookup order."""
+        ``weights[b, k] * grad_out[b]`` over the lookups ``ids[b, k] == r``, in lookup order. With the
+        ``table`` read, the same pass gives the weight gradient ``grad_out[b] . table[ids[b, k]]``,
+        float32 ``(B, K)`` (else None)."""
         if ids.dim() != 2 or weights.shape != ids.shape or grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0]:
             raise ValueError(f"dense_grad: ids {tuple(ids.shape)}, weights {tuple(weights.shape)} and grad_out "
                              f"{tuple(grad_out.shape)} must be (B, K), (B, K) and (B, d)")
@@ -95,10 +99,19 @@ class CpuOps(TorchOps):
         grad_out = grad_out.float().contiguous()
         d = grad_out.shape[1]
         out = torch.empty(n_rows, d)  # (N, d)
+        dots = None
+        if table is not None:
+            _check_table(table, "dense_grad")
+            if table.shape != (n_rows, d):
+                raise ValueError(f"dense_grad: the table is {tuple(table.shape)}, the gradient ({n_rows}, {d})")
+            table = table.contiguous()
+            dots = torch.empty(ids.shape)  # (B, K)
+        fn = cpu.kernel("dense_grad", torch.float32 if table is None else table.dtype)
         # split by rows, not lookups: threads never write the same row (grain: a thread scans every lookup)
-        cpu.parallel_for(cpu.library().dense_grad, n_rows, cpu.ptr(out), d, cpu.ptr(ids), cpu.ptr(weights),
-                         ids.numel(), ids.shape[1], cpu.ptr(grad_out), grain=1024)
-        return out
+        cpu.parallel_for(fn, n_rows, cpu.ptr(out), d, cpu.ptr(ids), cpu.ptr(weights), ids.numel(), ids.shape[1],
+                         cpu.ptr(grad_out), None if table is None else cpu.ptr(table),
+                         None if dots is None else cpu.ptr(dots), grain=1024)
+        return out, dots
 
     @staticmethod
     def sq_norm(grad) -> float:

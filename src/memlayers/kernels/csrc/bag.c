@@ -16,7 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define PREFETCH_AHEAD 8
+#define PREFETCH_AHEAD 16
 
 static inline float bf16_load(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -116,25 +116,49 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
 /* The dense table gradient of fixed-size bags, rows [start, stop) of it:
  * grad[r] = sum over lookups j with ids[j] == r of w[j] * grad_out[j / K], summed in ascending j
  * (so each row's sum has one order however the rows are split over threads; each thread
- * scans every lookup and keeps those of its rows). The rows in range are zeroed first. */
-void dense_grad(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K,
-                const float *grad_out, int64_t start, int64_t stop) {
-    memset(grad + start * d, 0, (size_t)(stop - start) * (size_t)d * sizeof(float));
-    for (int64_t j = 0; j < n_lookups; j++) {
-        const int64_t r = ids[j];
-        if (r < start || r >= stop) continue;
-        float *restrict o = grad + r * d;
-        const float *restrict g = grad_out + (j / K) * d;
-        const float wj = w[j];
-#pragma omp simd
-        for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];
+ * scans every lookup and keeps those of its rows). The rows in range are zeroed first.
+ * With a table, the same pass also writes the weight gradient of the lookups of its rows,
+ * dots[j] = grad_out[j / K] . table[ids[j]] (LANES partial sums, as bag_dot): the read's
+ * whole backward, each row of the table and of its gradient visited together. */
+#define PREFETCH_AHEAD 16
+#define DEFINE_DENSE_GRAD(NAME, T, LOAD)                                                               \
+    void NAME(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K, \
+              const float *grad_out, const T *table, float *dots, int64_t start, int64_t stop) {       \
+        memset(grad + start * d, 0, (size_t)(stop - start) * (size_t)d * sizeof(float));               \
+        const int64_t body = d - d % LANES;                                                            \
+        for (int64_t j = 0; j < n_lookups; j++) {                                                      \
+            if (j + PREFETCH_AHEAD < n_lookups) { /* random rows: keep loads in flight */              \
+                const int64_t ahead = ids[j + PREFETCH_AHEAD];                                         \
+                if (ahead >= start && ahead < stop) {                                                  \
+                    prefetch_row(grad + ahead * d, d * (int64_t)sizeof(float));                        \
+                    if (table != NULL) prefetch_row(table + ahead * d, d * (int64_t)sizeof(T));         \
+                }                                                                                      \
+            }                                                                                          \
+            const int64_t r = ids[j];                                                                  \
+            if (r < start || r >= stop) continue;                                                      \
+            float *restrict o = grad + r * d;                                                          \
+            const float *restrict g = grad_out + (j / K) * d;                                          \
+            if (table != NULL) {                                                                       \
+                const T *restrict row = table + r * d;                                                 \
+                float acc[LANES] = {0.0f};                                                             \
+                for (int64_t c = 0; c < body; c += LANES)                                              \
+                    _Pragma("omp simd") for (int l = 0; l < LANES; l++) acc[l] += g[c + l] * LOAD(row[c + l]); \
+                float total = 0.0f;                                                                    \
+                for (int l = 0; l < LANES; l++) total += acc[l];                                       \
+                for (int64_t c = body; c < d; c++) total += g[c] * LOAD(row[c]);                       \
+                dots[j] = total;                                                                       \
+            }                                                                                          \
+            const float wj = w[j];                                                                     \
+            _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];                     \
+        }                                                                                              \
     }
-}
 
 DEFINE_BAG(bag_f32, float, F32_LOAD)
 DEFINE_BAG(bag_bf16, uint16_t, BF16_LOAD)
 DEFINE_BAG_DOT(bag_dot_f32, float, F32_LOAD)
 DEFINE_BAG_DOT(bag_dot_bf16, uint16_t, BF16_LOAD)
+DEFINE_DENSE_GRAD(dense_grad_f32, float, F32_LOAD)
+DEFINE_DENSE_GRAD(dense_grad_bf16, uint16_t, BF16_LOAD)
 
 /* acc = scale * sum over the members of segment u of w * grad_out[bag] */
 static inline void segment_grad(int64_t u, const int64_t *seg, const int64_t *bags, const float *w,

@@ -183,6 +183,29 @@ static void top_pairs(const float *a, const float *b, int64_t k, uint64_t *buf) 
     select_sorted(buf, hi, k);
 }
 
+/* Row r's selection from its half scores first[0..n) and first[stride_half ..+n):
+ * scores[r, 0..k) descending, slots[r, .] and the sub-key rows sub[r, 0/1, .] (see
+ * product_key_topk). a, b, ia, ib hold k each; buf as for top_sorted and top_pairs. */
+static void select_row(const float *first, int64_t stride_half, int64_t n, int64_t k, int64_t base, int64_t r,
+                       float *a, float *b, int64_t *ia, int64_t *ib, uint64_t *buf,
+                       float *scores, int64_t *slots, int64_t *sub) {
+    top_sorted(first, n, k, buf, a, ia);
+    top_sorted(first + stride_half, n, k, buf, b, ib);
+    top_pairs(a, b, k, buf);
+    int64_t *sub1 = sub + 2 * r * k, *sub2 = sub1 + k;
+    for (int64_t t = 0; t < k; t++) {
+        const uint32_t pair = ~(uint32_t)buf[t];
+        const int64_t i = pair / k, j = pair % k;
+        scores[r * k + t] = a[i] + b[j];
+        sub1[t] = base + ia[i];
+        sub2[t] = base + n + ib[j];
+        slots[r * k + t] = ia[i] * n + ib[j];
+    }
+}
+
+/* Room for the candidate keys: n + 8 for a half; k (1 + ln k) < 11k for the pairs (k <= 1024). */
+static inline int64_t buf_size(int64_t n, int64_t k) { return n + 8 > 11 * k ? n + 8 : 11 * k; }
+
 /* Row r = p * heads + h of the scores, for r in [start, stop): its first half
  * starts at s + p * stride_p + h * stride_h and its second half stride_half
  * further (each half n contiguous floats). Writes scores[r, 0..k) the top-k slot
@@ -196,27 +219,90 @@ int product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t st
                       int64_t start, int64_t stop) {
     float a[MAX_KNN], b[MAX_KNN];
     int64_t ia[MAX_KNN], ib[MAX_KNN];
-    /* n + 8 keys for a half; k (1 + ln k) < 11k for the pairs (k <= 1024) */
-    const int64_t size = n + 8 > 11 * k ? n + 8 : 11 * k;
+    const int64_t size = buf_size(n, k);
     uint64_t stack_buf[4096];
     uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
     if (buf == NULL) return 1;
     for (int64_t r = start; r < stop; r++) {
         const float *first = s + (r / heads) * stride_p + (r % heads) * stride_h;
-        top_sorted(first, n, k, buf, a, ia);
-        top_sorted(first + stride_half, n, k, buf, b, ib);
-        top_pairs(a, b, k, buf);
-        const int64_t base = (r % heads) * head_stride;
-        int64_t *sub1 = sub + 2 * r * k, *sub2 = sub1 + k;
-        for (int64_t t = 0; t < k; t++) {
-            const uint32_t pair = ~(uint32_t)buf[t];
-            const int64_t i = pair / k, j = pair % k;
-            scores[r * k + t] = a[i] + b[j];
-            sub1[t] = base + ia[i];
-            sub2[t] = base + n + ib[j];
-            slots[r * k + t] = ia[i] * n + ib[j];
-        }
+        select_row(first, stride_half, n, k, (r % heads) * head_stride, r, a, b, ia, ib, buf, scores, slots, sub);
     }
     if (buf != stack_buf) free(buf);
     return 0;
+}
+
+/* The scores of one half's n sub-keys for nq queries q + i * q_stride (i < nq, each d
+ * floats): out[i * out_stride + j] = sum_t q_i[t] kt[t n + j], with kt the half's sub-keys
+ * transposed, (d, n). nq x SCORE_BLOCK sums stay in registers while t runs, so each
+ * sub-key vector loaded serves nq queries; the sum runs over t in order, in the tail too.
+ * Inlined with nq a constant (SCORE_ROWS or 1). */
+#define SCORE_ROWS 4
+#if defined(__AVX512F__)
+#define SCORE_BLOCK 64 /* 4 x 4 zmm accumulators */
+#else
+#define SCORE_BLOCK 16 /* 4 x 2 ymm */
+#endif
+static inline __attribute__((always_inline)) void score_half(const float *q, int64_t q_stride, int nq, const float *kt,
+                                                             int64_t d, int64_t n, float *out, int64_t out_stride) {
+    int64_t j0 = 0;
+    for (; j0 + SCORE_BLOCK <= n; j0 += SCORE_BLOCK) {
+        float acc[SCORE_ROWS][SCORE_BLOCK];
+        for (int i = 0; i < nq; i++)
+            for (int jj = 0; jj < SCORE_BLOCK; jj++) acc[i][jj] = q[i * q_stride] * kt[j0 + jj];
+        for (int64_t t = 1; t < d; t++) {
+            const float *row = kt + t * n + j0;
+            for (int i = 0; i < nq; i++) {
+                const float qt = q[i * q_stride + t];
+                for (int jj = 0; jj < SCORE_BLOCK; jj++) acc[i][jj] += qt * row[jj];
+            }
+        }
+        for (int i = 0; i < nq; i++) memcpy(out + i * out_stride + j0, acc[i], sizeof acc[i]);
+    }
+    for (int i = 0; i < nq; i++) {
+        const float *qi = q + i * q_stride;
+        float *o = out + i * out_stride;
+        for (int64_t j = j0; j < n; j++) o[j] = qi[0] * kt[j];
+        for (int64_t t = 1; t < d; t++)
+            for (int64_t j = j0; j < n; j++) o[j] += qi[t] * kt[t * n + j];
+    }
+}
+
+/* The product-key search with the scoring fused in: row r = p * heads + h has the
+ * queries q[r, 0..2, 0..d) (contiguous) and scores them against head h's sub-keys,
+ * transposed: kt (heads, 2, d, n). Rows of one head are scored SCORE_ROWS at a time into
+ * a buffer (SCORE_ROWS x 2n floats) and never reach memory; the selection and outputs
+ * are those of product_key_topk. */
+int product_key_search(const float *q, const float *kt, int64_t heads, int64_t d, int64_t n, int64_t k,
+                       float *scores, int64_t *slots, int64_t *sub, int64_t head_stride, int64_t start, int64_t stop) {
+    float a[MAX_KNN], b[MAX_KNN];
+    int64_t ia[MAX_KNN], ib[MAX_KNN];
+    const int64_t size = buf_size(n, k), step = SCORE_ROWS * heads;
+    uint64_t stack_buf[4096];
+    float stack_s[SCORE_ROWS * 2048];
+    uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
+    float *s = n <= 1024 ? stack_s : malloc(sizeof(float) * SCORE_ROWS * 2 * n);
+    const int failed = buf == NULL || s == NULL;
+    for (int64_t h = 0; h < heads && !failed; h++) {
+        const float *k1 = kt + 2 * h * d * n, *k2 = k1 + d * n;
+        for (int64_t r = start + (h - start % heads + heads) % heads; r < stop; r += step) {
+            const float *qr = q + 2 * r * d;
+            const int64_t q_stride = 2 * heads * d;
+            int nq = 0;
+            while (nq < SCORE_ROWS && r + nq * heads < stop) nq++;
+            if (nq == SCORE_ROWS) {
+                score_half(qr, q_stride, SCORE_ROWS, k1, d, n, s, 2 * n);
+                score_half(qr + d, q_stride, SCORE_ROWS, k2, d, n, s + n, 2 * n);
+            } else {
+                for (int i = 0; i < nq; i++) {
+                    score_half(qr + i * q_stride, 0, 1, k1, d, n, s + 2 * i * n, 0);
+                    score_half(qr + i * q_stride + d, 0, 1, k2, d, n, s + (2 * i + 1) * n, 0);
+                }
+            }
+            for (int i = 0; i < nq; i++)
+                select_row(s + 2 * i * n, n, n, k, h * head_stride, r + i * heads, a, b, ia, ib, buf, scores, slots, sub);
+        }
+    }
+    if (buf != stack_buf) free(buf);
+    if (s != stack_s) free(s);
+    return failed;
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memlayers import bench
-from memlayers.bench.timing import source_commit, time_interleaved
+from memlayers.bench.timing import round_ratios, source_commit, time_interleaved
 from memlayers.cli import main
 from memlayers.kernels import cpu
 
@@ -57,7 +57,9 @@ def test_lm_results_compare_the_demo_models_at_matched_flops():
     assert list(kinds) == ["dense", "memory", "moe"] and kinds["dense"]["vs_dense"] == 1.0
     for kind, row in kinds.items():
         assert row["tokens_per_s"] == pytest.approx(setting["batch_size"] * setting["seq_len"] / (row["ms"] / 1e3))
+        # one round: its ratio is the ratio of the medians, and both quartiles
         assert row["vs_dense"] == pytest.approx(row["tokens_per_s"] / kinds["dense"]["tokens_per_s"])
+        assert row["vs_dense_quartiles"] == [row["vs_dense"], row["vs_dense"]]
         assert abs(row["flops_vs_dense"] - 1) <= 0.10  # the demo's matching holds for the models timed
         assert row["meets_target"] == (None if kind == "dense" else row["vs_dense"] >= results["lm"]["targets"][kind])
     assert kinds["memory"]["run"].startswith("memory-") and kinds["memory"]["params"] > 5 * kinds["dense"]["params"]
@@ -133,6 +135,16 @@ def test_interleaved_timing_calls_the_variants_in_turns_and_reports_each_median(
                              torch.device("cpu"), repeat=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then one of each per round
     assert times == {"a": 2000.0, "b": 5000.0}  # medians of (1, 2, 8) s and (3, 7, 5) s
+
+
+def test_round_ratios_pair_the_variants_round_by_round():
+    # the machine changes speed from round to round; the ratio within each round stays 2
+    fast, slow = [1.0, 2.0, 1.0, 2.0, 1.0], [2.0, 4.0, 2.0, 4.0, 2.0]
+    assert round_ratios(slow, fast) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
+    r = round_ratios([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert r == {"median": 3.0, "q1": 2.0, "q3": 4.0}
+    with pytest.raises(ValueError):
+        round_ratios([1.0, 2.0], [1.0])
 
 
 def test_source_commit_names_the_commit_and_marks_changed_code(tmp_path):

@@ -12,12 +12,13 @@ memory >= 0.8, MoE >= 0.7).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memlayers.bench.timing import time_interleaved
+from memlayers.bench.timing import round_ratios, time_rounds
 from memlayers.demo.runner import demo_config
 from memlayers.demo.suite import build_runs, largest_of_each_kind
 from memlayers.model import Transformer
@@ -72,16 +73,18 @@ def bench_lm(shape: LMShape, device: torch.device, repeat: int = 5) -> dict:
         batch = shape.batch_size or demo.train.batch_size
         tokens = batch * demo.seq_len
         steps = {kind: _step(runs[kind], vocab_size, batch, demo.seq_len, device) for kind in KINDS}
-        times = time_interleaved(steps, device, repeat, warmup=2)
+        rounds = time_rounds(steps, device, repeat, warmup=2)
         rows = {}
         for kind in KINDS:
             model = runs[kind].config.model
-            ms = times[kind]
+            ms = statistics.median(rounds[kind])
             rows[kind] = {"run": runs[kind].name, "ms": ms, "tokens_per_s": tokens / (ms / 1e3),
                           "flops_per_token": count_flops(model).total, "params": count_parameters(model).total,
                           "value_optimizer": runs[kind].config.optim.value_optimizer}
         for kind, row in rows.items():
-            row["vs_dense"] = row["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+            # tokens/s over dense's = dense's step time over the kind's, round by round
+            ratio = round_ratios(rounds["dense"], rounds[kind])
+            row["vs_dense"], row["vs_dense_quartiles"] = ratio["median"], [ratio["q1"], ratio["q3"]]
             row["flops_vs_dense"] = row["flops_per_token"] / rows["dense"]["flops_per_token"]
             row["meets_target"] = row["vs_dense"] >= TARGETS[kind] if kind in TARGETS else None
         settings.append({"name": name, "overrides": overrides, "dim": demo.model.dim, "batch_size": batch,

@@ -77,7 +77,7 @@ def _search(r: dict) -> str:
 def _lm(r: dict) -> str:
     rows = [
         {"setting": s["name"], "kind": kind, "run": k["run"], "FLOPs vs dense": k["flops_vs_dense"],
-         "tokens/s": f"{k['tokens_per_s']:,.0f}", "vs dense": k["vs_dense"],
+         "tokens/s": f"{k['tokens_per_s']:,.0f}", "vs dense (quartiles)": f"{k['vs_dense']:.3g} ({k['vs_dense_quartiles'][0]:.3g}-{k['vs_dense_quartiles'][1]:.3g})",
          "target": f">= {r['targets'][kind]}" if kind in r["targets"] else "-",
          "met": {None: "-", True: "yes", False: "no"}[k["meets_target"]]}
         for s in r["settings"] for kind, k in s["kinds"].items()

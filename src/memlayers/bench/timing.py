@@ -29,11 +29,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5, war
     return time_interleaved({None: fn}, device, repeat, warmup)[None]
 
 
-def time_interleaved(fns: dict[Hashable, Callable[[], object]], device: torch.device, repeat: int = 5,
-                     warmup: int = 1) -> dict[Hashable, float]:
-    """Median wall time in milliseconds of each of ``fns``, timed in turns (one call of each
-    per round), so that a machine slowing down or speeding up during the run moves every
-    variant alike and cancels out of their ratios."""
+def time_rounds(fns: dict[Hashable, Callable[[], object]], device: torch.device, repeat: int = 5,
+                warmup: int = 1) -> dict[Hashable, list[float]]:
+    """Wall times in milliseconds of each of ``fns``, one call of each per round for ``repeat``
+    rounds, so that a machine slowing down or speeding up during the run moves every variant
+    alike: their ratios are best taken round by round (:func:`round_ratios`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -45,7 +45,23 @@ def time_interleaved(fns: dict[Hashable, Callable[[], object]], device: torch.de
             fn()
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[Hashable, Callable[[], object]], device: torch.device, repeat: int = 5,
+                     warmup: int = 1) -> dict[Hashable, float]:
+    """Median wall time in milliseconds of each of ``fns``, timed in turns (:func:`time_rounds`)."""
+    return {name: statistics.median(values) for name, values in time_rounds(fns, device, repeat, warmup).items()}
+
+
+def round_ratios(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """The ratio of two variants timed in the same rounds: the median and quartiles over rounds
+    of ``numerator[i] / denominator[i]`` (each round's pair ran back to back)."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    if len(ratios) == 1:
+        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
 
 
 def device_name(device: torch.device) -> str:

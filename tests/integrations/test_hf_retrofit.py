@@ -306,3 +306,42 @@ def test_retrofit_without_training_under_torchrun_is_saved_by_rank_0_only(tmp_pa
         assert main(args) == 0
     assert not (tmp_path / "out1").exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out0").config.memory_retrofit["layers"] == [1]
+
+
+def test_ranks_but_0_build_the_base_on_the_meta_device_without_reading_its_weights(tmp_path, monkeypatch):
+    from memlayers.cli import main
+    from memlayers.integrations.hf.finetune import meta_model
+
+    base = tiny_model("llama").to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    meta = meta_model(tmp_path / "base")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert type(meta) is type(loaded) and meta.name_or_path == str(tmp_path / "base")
+    layout = [(n, t.dtype, t.shape) for n, t in loaded.state_dict().items()]
+    assert [(n, t.dtype, t.shape) for n, t in meta.state_dict().items()] == layout  # bfloat16 kept
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rank 1 read the base model's weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = ["retrofit", str(tmp_path / "base"), "--layers", "1", "--out", str(tmp_path / "out"), "--no-train",
+            "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16"]
+    assert main(args) == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_process(tiny_run, tmp_path):
+    from memlayers.data.tokenizer import Tokenizer
+    from memlayers.integrations.hf.finetune import meta_model
+
+    from .conftest import build_config
+
+    tiny_model("llama", vocab_size=Tokenizer.load(tiny_run / "tokenizer.json").vocab_size).save_pretrained(tmp_path / "base")
+    model = meta_model(tmp_path / "base")
+    add_memory(model, layers=[1], memory=MEMORY, mode="parallel")
+    config = build_config(tmp_path / "run", ["train.steps=1", f"data.train={tiny_run / 'data' / 'train.jsonl'}",
+                                             f"data.tokenizer={tiny_run / 'tokenizer.json'}"])
+    with pytest.raises(ValueError, match="the model is on the meta device .no weights.; only a distributed run"):
+        train_memory(model, config)

@@ -180,10 +180,12 @@ def value_pools(model: nn.Module) -> list[nn.Module]:
     return list(pools.values())
 
 
-def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
+def shard_values(model: nn.Module, mesh: DeviceMesh, scatter: bool = True) -> list[nn.Parameter]:
     """Shard every value table of ``model`` (and PEER's ``up`` tables) along its columns over
     ``mesh`` (1-D, the memory-parallel group) and make its memory layers read through
-    them; returns the tables."""
+    them; returns the tables. ``scatter``: the group's first rank sends each rank its
+    columns; else each rank keeps its columns of its own table (which may be on the meta
+    device, to be filled later: :mod:`~memlayers.distributed.rank0_init`)."""
     from memlayers.memory import MemoryLayer
 
     M = mesh.size()
@@ -197,7 +199,8 @@ def shard_values(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
                 continue
             if table.shape[1] % M:
                 raise ConfigError("parallel.memory_parallel", f"must divide the width {table.shape[1]} of the {name} table, got {M}")
-            setattr(pool, name, nn.Parameter(distribute_tensor(table.detach(), mesh, [Shard(1)])))
+            sharded = distribute_tensor(table.detach(), mesh, [Shard(1)], src_data_rank=0 if scatter else None)
+            setattr(pool, name, nn.Parameter(sharded))
             tables.append(getattr(pool, name))
     reader = MemoryParallelReader(mesh.get_group())
     for layer in model.modules():

@@ -76,10 +76,12 @@ def model_blocks(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> list[nn.Parameter]:
+def parallelize(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, from_rank0: bool = False) -> list[nn.Parameter]:
     """Shard ``model`` in place over ``mesh``: one FSDP unit per block (:func:`model_blocks`),
-    one for the rest; returns its value tables (for :func:`sync_value_grads`)."""
-    tables = shard_values(model, mesh["mp"])
+    one for the rest; returns its value tables (for :func:`sync_value_grads`). ``from_rank0``:
+    the model is on the meta device on every rank but 0 and gets its weights afterwards
+    (:func:`~memlayers.distributed.rank0_init.load_from_rank0`), so nothing is sent now."""
+    tables = shard_values(model, mesh["mp"], scatter=not from_rank0)
     if mesh.device_type == "cuda" and config.mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

@@ -43,6 +43,7 @@ from memlayers.distributed import (
 )
 from memlayers.distributed.activation_checkpointing import apply_activation_checkpointing
 from memlayers.distributed.comm import collective
+from memlayers.distributed.rank0_init import any_rank_on_meta, has_meta, load_from_rank0
 from memlayers.eval.perplexity import evaluate_perplexity
 from memlayers.eval.qa import evaluate_qa
 from memlayers.faults import fault_point
@@ -145,8 +146,13 @@ class Trainer:
             model = Transformer(model_config)
         self.config = config
         self.flops_per_token = None if self.external_model else count_flops(config.model, config.data.seq_len).total
+        # a big model may come on the meta device on all ranks but 0, which holds the weights (rank0_init)
+        from_rank0 = any_rank_on_meta(model) if self.world > 1 else False
+        if has_meta(model) and not from_rank0:
+            raise ValueError("the model is on the meta device (no weights); only a distributed run can take one, "
+                             "on every rank but rank 0, which holds the weights")
         self.fingerprints = self._fingerprints(resume_from, saved, model)
-        self.model = model.to(self.device)
+        self.model = model if from_rank0 else model.to(self.device)
         if any(layer.pool.quantized for layer in self.model.memory_layers()):
             raise ConfigError("memory.value_dtype", "int8 and int4 value tables are for inference: train in float32 "
                               "or bfloat16, then quantize the checkpoint with `memlayers quantize`")
@@ -166,7 +172,11 @@ class Trainer:
         self.value_norm_reduce = None
         if self.world > 1:
             mesh = build_mesh(config.parallel, self.device)
-            parallelize(self.model, mesh, config.parallel)
+            full_state = self.model.state_dict() if from_rank0 and self.rank == 0 else None  # before sharding
+            parallelize(self.model, mesh, config.parallel, from_rank0)
+            if from_rank0:
+                load_from_rank0(self.model, full_state, self.device)
+                del full_state
             self.value_norm_reduce = sum_over(mesh["mp"].get_group())
         self.optimizer = build_optimizer(self.model, config.optim)
         tokenizer = self.data.tokenizer
@@ -232,8 +242,12 @@ class Trainer:
         parameters (saved in every checkpoint); on resume, refuse a config, data, tokenizer or
         base model that differs from the checkpoint's."""
         fingerprints = {name: file_fingerprint(path) for name, path in self.data.files.items()}
-        if self.external_model:  # before sharding: every rank hashes the whole base
-            fingerprints["base_model"] = base_fingerprint(model)
+        if self.external_model:  # before sharding, by rank 0 (the others may hold no weights)
+            digest = [base_fingerprint(model) if self.rank == 0 else None]
+            if self.world > 1:
+                with collective("sharing the base model's fingerprint"):
+                    dist.broadcast_object_list(digest, src=0)
+            fingerprints["base_model"] = digest[0]
         if self.config.data.tokenizer is not None:  # the source file, not the run's re-serialised copy
             fingerprints["tokenizer"] = file_fingerprint(self.config.data.tokenizer)
         elif resume_from is not None:  # the checkpoint's own tokenizer was used

@@ -18,7 +18,8 @@ my-llama-memory data.train=notes.txt model.memory.n_keys=256``
 (:func:`retrofit_pretrained`).
 
 Under torchrun (``torchrun --nproc-per-node N -m memlayers.cli retrofit ...``)
-every rank builds the same retrofitted model and the trainer shards it: FSDP2
+rank 0 loads the base model and the other ranks build it on the meta device;
+the trainer shards it and fills every rank's shards from rank 0: FSDP2
 over the frozen base's decoder layers and the rest, memory parallelism over the
 value pool (``parallel.*``); checkpoints hold only the memory and its optimizer
 state, with a fingerprint of the base model that a ``--resume`` must match.
@@ -36,7 +37,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+)
 
 from memlayers.config import ConfigError
 from memlayers.data.tokenizer import FILE_NAME, Tokenizer
@@ -148,6 +155,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return full if dist.get_rank() == 0 else None
 
 
+def meta_model(model_dir: str | Path) -> PreTrainedModel:
+    """The model ``from_pretrained(model_dir)`` gives, built on the meta device from its config:
+    the same classes, names, shapes and dtypes, no weights read (see
+    :mod:`memlayers.distributed.rank0_init`)."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def retrofit_pretrained(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -165,12 +181,17 @@ def retrofit_pretrained(
     ``data.tokenizer`` names one (``resume``: from the latest checkpoint in
     ``train.out_dir``). The retrofitted model (and the model's tokenizer, when
     it has one) is saved to ``out_dir`` with ``save_pretrained`` (by rank 0
-    under torchrun). Nothing is downloaded.
+    under torchrun). Under torchrun only rank 0 reads the base model's weights;
+    the other ranks build it on the meta device (:func:`meta_model`) and receive
+    their shards from rank 0. Nothing is downloaded.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json: give a local transformers model directory")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    else:  # torchrun's other ranks: shapes only; the trainer gives them rank 0's weights after sharding
+        model = meta_model(model_dir)
     torch.manual_seed(config.train.seed)  # the same memory on every rank, and in every run of this command
     add_memory(model, layers, config.model.memory, mode)
     summary = train_memory(model, config, resume=resume) if train else {}

@@ -102,8 +102,9 @@ class Trainer:
     transformers model behind ``memlayers.integrations.hf.CausalLMAdapter``.
     Its frozen parameters stay as they are: its checkpoints hold only what
     trains, and a fingerprint of the frozen rest (``base_model``) that a resume
-    must match. Under torchrun every rank passes the same model (built alike,
-    from the same seed), which is sharded like memlayers' own.
+    must match. Under torchrun every rank passes the same model, built alike (or,
+    on every rank but 0, on the meta device), which is sharded like memlayers' own;
+    every rank then holds rank 0's weights (:mod:`memlayers.distributed.rank0_init`).
     """
 
     def __init__(
@@ -143,7 +144,10 @@ class Trainer:
             config = dataclasses.replace(config, model=model_config)
             shards = config.parallel.memory_parallel if self.world > 1 else 1  # FSDP shards within an mp group
             check_fits(model_config, tcfg.batch_size, config.data.seq_len, self.device, shards)
-            model = Transformer(model_config)
+            # rank 0 initialises the model; the others build it on the meta device and get their
+            # shards of rank 0's weights once it is sharded (rank0_init), holding it whole never
+            with torch.device("meta") if self.rank > 0 else contextlib.nullcontext():
+                model = Transformer(model_config)
         self.config = config
         self.flops_per_token = None if self.external_model else count_flops(config.model, config.data.seq_len).total
         # a big model may come on the meta device on all ranks but 0, which holds the weights (rank0_init)

@@ -9,19 +9,27 @@ step). The peer reads its values with ``nn.EmbeddingBag`` (a dense table
 gradient); memlayers is measured with its plain layer (the peer's computation:
 query projection, product-key search, weighted bag) and with Memory+ (the
 paper's layer, two more projections), each with the dense table gradient and
-with ``table_grad="rows"``. Reported: tokens/s and the ratio to the peer.
+with ``table_grad="rows"``. Reported: tokens/s and the ratio to the peer
+(median over rounds of the two times in a round, with quartiles).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from memlayers.bench.timing import environment, format_table, source_commit, time_interleaved
+from memlayers.bench.timing import (
+    environment,
+    format_table,
+    round_ratios,
+    source_commit,
+    time_rounds,
+)
 from memlayers.memory import MemoryConfig, MemoryLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             config = MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=2 * half, variant=variant)
             steps[f"memlayers {variant}", table_grad] = _step(MemoryLayer(dim, config, table_grad=table_grad), x)
     # in turns, so that the machine's drift during the run (20% here) moves every layer alike
-    times = time_interleaved(steps, torch.device("cpu"), args.repeat)
-    rows = [{"layer": layer, "table gradient": grad, "ms": ms} for (layer, grad), ms in times.items()]
-    for row in rows:
-        row["tokens/s"] = tokens / (row["ms"] / 1e3)
-        row["vs peer"] = rows[0]["ms"] / row["ms"]
+    rounds = time_rounds(steps, torch.device("cpu"), args.repeat)
+    peer_times = rounds[("product-key-memory (peer)", "dense")]
+    rows = []
+    for (layer, grad), times in rounds.items():
+        ms = statistics.median(times)
+        ratio = round_ratios(peer_times, times)  # the peer's time over ours, round by round
+        rows.append({"layer": layer, "table gradient": grad, "ms": ms, "tokens/s": tokens / (ms / 1e3),
+                     "vs peer": ratio["median"], "quartiles": f"{ratio['q1']:.2f}-{ratio['q3']:.2f}"})
     plain = {r["table gradient"]: r["vs peer"] for r in rows if r["layer"] == "memlayers plain"}
     result = {
         "environment": environment(torch.device("cpu")), "commit": source_commit(ROOT), "quick": args.quick,

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #define PREFETCH_AHEAD 16
+#define PREFETCH_ABOVE (1 << 20) /* bytes of gradient rows per thread: below, they stay in L2 */
 
 static inline float bf16_load(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -119,37 +120,55 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
  * scans every lookup and keeps those of its rows). The rows in range are zeroed first.
  * With a table, the same pass also writes the weight gradient of the lookups of its rows,
  * dots[j] = grad_out[j / K] . table[ids[j]] (LANES partial sums, as bag_dot): the read's
- * whole backward, each row of the table and of its gradient visited together. */
+ * whole backward, each row of the table and of its gradient visited together.
+ * The lookups are taken CHUNK at a time: first those of this thread's rows are listed
+ * without a branch (a branch per lookup on which thread owns its row mispredicts half the
+ * time), then the listed ones are applied, their rows prefetched ahead when the thread's
+ * rows are too many to stay in L2. */
+#define CHUNK 2048
 #define PREFETCH_AHEAD 16
+#define PREFETCH_ABOVE (1 << 20) /* bytes of gradient rows per thread: below, they stay in L2 */
 #define DEFINE_DENSE_GRAD(NAME, T, LOAD)                                                               \
     void NAME(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K, \
               const float *grad_out, const T *table, float *dots, int64_t start, int64_t stop) {       \
         memset(grad + start * d, 0, (size_t)(stop - start) * (size_t)d * sizeof(float));               \
         const int64_t body = d - d % LANES;                                                            \
-        for (int64_t j = 0; j < n_lookups; j++) {                                                      \
-            if (j + PREFETCH_AHEAD < n_lookups) { /* random rows: keep loads in flight */              \
-                const int64_t ahead = ids[j + PREFETCH_AHEAD];                                         \
-                if (ahead >= start && ahead < stop) {                                                  \
+        const int far = (stop - start) * d * (int64_t)sizeof(float) > PREFETCH_ABOVE;                  \
+        int64_t mine[CHUNK], bag_of[CHUNK];                                                            \
+        for (int64_t first = 0, b = 0, bag_end = K; first < n_lookups; first += CHUNK) {               \
+            const int64_t last = first + CHUNK < n_lookups ? first + CHUNK : n_lookups;                \
+            int64_t n = 0;                                                                             \
+            for (int64_t j = first; j < last; j++) {                                                   \
+                if (j == bag_end) { /* the bag of lookup j, j / K, without a division */               \
+                    b++;                                                                               \
+                    bag_end += K;                                                                      \
+                }                                                                                      \
+                mine[n] = j;                                                                           \
+                bag_of[n] = b;                                                                         \
+                n += (uint64_t)(ids[j] - start) < (uint64_t)(stop - start);                            \
+            }                                                                                          \
+            for (int64_t i = 0; i < n; i++) {                                                          \
+                if (far && i + PREFETCH_AHEAD < n) {                                                   \
+                    const int64_t ahead = ids[mine[i + PREFETCH_AHEAD]];                               \
                     prefetch_row(grad + ahead * d, d * (int64_t)sizeof(float));                        \
                     if (table != NULL) prefetch_row(table + ahead * d, d * (int64_t)sizeof(T));         \
                 }                                                                                      \
+                const int64_t j = mine[i], r = ids[j];                                                 \
+                float *restrict o = grad + r * d;                                                      \
+                const float *restrict g = grad_out + bag_of[i] * d;                                    \
+                if (table != NULL) {                                                                   \
+                    const T *restrict row = table + r * d;                                             \
+                    float acc[LANES] = {0.0f};                                                         \
+                    for (int64_t c = 0; c < body; c += LANES)                                          \
+                        _Pragma("omp simd") for (int l = 0; l < LANES; l++) acc[l] += g[c + l] * LOAD(row[c + l]); \
+                    float total = 0.0f;                                                                \
+                    for (int l = 0; l < LANES; l++) total += acc[l];                                   \
+                    for (int64_t c = body; c < d; c++) total += g[c] * LOAD(row[c]);                   \
+                    dots[j] = total;                                                                   \
+                }                                                                                      \
+                const float wj = w[j];                                                                 \
+                _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];                 \
             }                                                                                          \
-            const int64_t r = ids[j];                                                                  \
-            if (r < start || r >= stop) continue;                                                      \
-            float *restrict o = grad + r * d;                                                          \
-            const float *restrict g = grad_out + (j / K) * d;                                          \
-            if (table != NULL) {                                                                       \
-                const T *restrict row = table + r * d;                                                 \
-                float acc[LANES] = {0.0f};                                                             \
-                for (int64_t c = 0; c < body; c += LANES)                                              \
-                    _Pragma("omp simd") for (int l = 0; l < LANES; l++) acc[l] += g[c + l] * LOAD(row[c + l]); \
-                float total = 0.0f;                                                                    \
-                for (int l = 0; l < LANES; l++) total += acc[l];                                       \
-                for (int64_t c = body; c < d; c++) total += g[c] * LOAD(row[c]);                       \
-                dots[j] = total;                                                                       \
-            }                                                                                          \
-            const float wj = w[j];                                                                     \
-            _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];                     \
         }                                                                                              \
     }
 

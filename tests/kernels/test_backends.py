@@ -100,9 +100,9 @@ def test_a_one_pass_dense_gradient_matches_the_written_out_row_gradient(ops):
         torch.testing.assert_close(dots, TorchOps.bag_dot(t.float(), ids, grad_out))
     # a table big enough to be split over threads by rows: the same sums as one thread
     g = torch.Generator().manual_seed(1)
-    many = torch.randint(0, 4096, (64, 32), generator=g)
+    many = torch.randint(0, 4096, (137, 31), generator=g)  # more lookups than a kernel lists at once, bags across
     many[:, 1] = many[:, 0]
-    w, out, big = torch.randn(64, 32, generator=g), torch.randn(64, D + 3, generator=g), torch.randn(4096, D + 3, generator=g)
+    w, out, big = torch.randn(137, 31, generator=g), torch.randn(137, D + 3, generator=g), torch.randn(4096, D + 3, generator=g)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

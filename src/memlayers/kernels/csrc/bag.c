@@ -140,7 +140,7 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
             int64_t n = 0;                                                                             \
             for (int64_t j = first; j < last; j++) {                                                   \
                 if (j == bag_end) { /* the bag of lookup j, j / K, without a division */               \
-                    b++;                                                                               \
+                    b += 2;                                                                             \
                     bag_end += K;                                                                      \
                 }                                                                                      \
                 mine[n] = j;                                                                           \

@@ -17,7 +17,6 @@
 #include <string.h>
 
 #define PREFETCH_AHEAD 16
-#define PREFETCH_ABOVE (1 << 20) /* bytes of gradient rows per thread: below, they stay in L2 */
 
 static inline float bf16_load(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -126,7 +125,6 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
  * time), then the listed ones are applied, their rows prefetched ahead when the thread's
  * rows are too many to stay in L2. */
 #define CHUNK 2048
-#define PREFETCH_AHEAD 16
 #define PREFETCH_ABOVE (1 << 20) /* bytes of gradient rows per thread: below, they stay in L2 */
 #define DEFINE_DENSE_GRAD(NAME, T, LOAD)                                                               \
     void NAME(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K, \
@@ -140,7 +138,7 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
             int64_t n = 0;                                                                             \
             for (int64_t j = first; j < last; j++) {                                                   \
                 if (j == bag_end) { /* the bag of lookup j, j / K, without a division */               \
-                    b += 2;                                                                             \
+                    b++;                                                                                \
                     bag_end += K;                                                                      \
                 }                                                                                      \
                 mine[n] = j;                                                                           \

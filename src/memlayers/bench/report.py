@@ -23,7 +23,8 @@ def _step(r: dict) -> str:
     shape = r["shape"]
     rows = [
         {"value optimizer": name, f"{shape['small_keys']}^2 ms": o["small_ms"], f"{shape['large_keys']}^2 ms": o["large_ms"],
-         "ratio": o["ratio"], "values-only ratio": o["values_ratio"],
+         "ratio (quartiles)": f"{o['ratio']:.3g} ({o['ratio_quartiles'][0]:.3g}-{o['ratio_quartiles'][1]:.3g})",
+         "values-only ratio": o["values_ratio"],
          "rows touched": f"{o['touched_rows_small']:,} / {o['touched_rows_large']:,}",
          "values-only us/row": f"{1e3 * o['values_small_ms'] / o['touched_rows_small']:.2f} / "
                                f"{1e3 * o['values_large_ms'] / o['touched_rows_large']:.2f}",

@@ -8,15 +8,18 @@ table; with a row-sparse optimizer it grows only with the rows a step touches.
 The product-key search itself grows with ``n_keys`` (sqrt of the slots: 4x from
 256**2 to 1024**2), so the step is also timed without it: the value-table part
 alone (bag forward and backward on the layer's own lookups, clipping, update).
+Both sizes are timed in turns, and each ratio is the median over rounds of the
+two times in a round (with quartiles), so the machine's drift cancels out.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 
-from memlayers.bench.timing import time_ms
+from memlayers.bench.timing import round_ratios, time_rounds
 from memlayers.kernels import embedding_bag
 from memlayers.memory import MemoryConfig, MemoryLayer
 from memlayers.train.optim import OptimConfig, build_optimizer, clip_gradients, uses_row_grads
@@ -38,10 +41,8 @@ class StepShape:
     tokens: int = 2048
 
 
-def layer_step_ms(
-    shape: StepShape, n_keys: int, value_optimizer: str, device: torch.device, repeat: int
-) -> tuple[float, float, int]:
-    """Median time of one training step, of its value-table part, and the rows the batch touches."""
+def layer_steps(shape: StepShape, n_keys: int, value_optimizer: str, device: torch.device) -> tuple:
+    """One training step and its value-table part, as functions to time, and the rows the batch touches."""
     torch.manual_seed(0)
     memory = MemoryConfig(n_keys=n_keys, heads=shape.heads, knn=shape.knn, k_dim=shape.k_dim, qk_norm=True)
     config = OptimConfig(value_optimizer=value_optimizer)
@@ -70,26 +71,28 @@ def layer_step_ms(
                 child.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_ms(step, device, repeat), time_ms(values_step, device, repeat), int(indices.unique().numel())
+    return step, values_step, int(indices.unique().numel())
 
 
 def bench_step(shape: StepShape, device: torch.device, repeat: int = 5, optimizers: tuple[str, ...] = OPTIMIZERS) -> dict:
-    """Step time at both sizes for each value optimizer, and the large/small ratio."""
+    """Step time at both sizes for each value optimizer (timed in turns), and the large/small ratio."""
     result: dict = {"shape": asdict(shape), "target_ratio": TARGET_RATIO, "optimizers": {}}
     for name in optimizers:
-        small, values_small, touched_small = layer_step_ms(shape, shape.small_keys, name, device, repeat)
-        large, values_large, touched_large = layer_step_ms(shape, shape.large_keys, name, device, repeat)
+        small, values_small, touched_small = layer_steps(shape, shape.small_keys, name, device)
+        large, values_large, touched_large = layer_steps(shape, shape.large_keys, name, device)
+        rounds = time_rounds({"small": small, "large": large, "values_small": values_small, "values_large": values_large},
+                             device, repeat)
+        ratio, values_ratio = round_ratios(rounds["large"], rounds["small"]), round_ratios(rounds["values_large"], rounds["values_small"])
         result["optimizers"][name] = {
-            "small_ms": small,
-            "large_ms": large,
-            "ratio": large / small,
-            "meets_target": large / small <= TARGET_RATIO,
-            "values_small_ms": values_small,
-            "values_large_ms": values_large,
-            "values_ratio": values_large / values_small,
+            **{f"{part}_ms": statistics.median(times) for part, times in rounds.items()},
+            "ratio": ratio["median"],
+            "ratio_quartiles": [ratio["q1"], ratio["q3"]],
+            "meets_target": ratio["median"] <= TARGET_RATIO,
+            "values_ratio": values_ratio["median"],
             "touched_rows_small": touched_small,
             "touched_rows_large": touched_large,
         }
+        del small, large, values_small, values_large  # the large tables (up to 3 GB) before the next optimizer's
     dense = result["optimizers"].get("adamw")
     if dense is not None:
         for row in result["optimizers"].values():

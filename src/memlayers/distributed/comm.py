@@ -71,6 +71,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 without one), readable before
+    and without a process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def barrier() -> None:
     """Wait for every rank (a dead or hung one raises after the timeout)."""
     with collective("barrier"):

@@ -50,7 +50,8 @@ def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None
     on ``device`` here.
     """
     rank = dist.get_rank()
-    layout, mine = [_layout(model)], _layout(model)
+    mine = _layout(model)
+    layout = [mine]  # rank 0's, once broadcast
     problems: list[str | None] = [None] * dist.get_world_size()
     with collective("loading the model from rank 0"):
         dist.broadcast_object_list(layout, src=0)

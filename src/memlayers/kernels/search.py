@@ -53,20 +53,27 @@ def product_key_topk_reference(scores: torch.Tensor, knn: int) -> tuple[torch.Te
     return best_scores, row * n_keys + col
 
 
+def _run_c(kernel: str, rows: int, n_keys: int, knn: int, head_stride: int, *inputs) -> tuple[torch.Tensor, ...]:
+    """The C search function ``kernel`` over ``rows`` rows, on threads: its leading arguments
+    ``inputs``, then the outputs it writes, scores and slots ``(rows, knn)`` and sub-key rows
+    ``(rows, 2, knn)`` (see :func:`_select`), which it returns."""
+    out = torch.empty(rows, knn, dtype=torch.float32)  # (R, knn)
+    slots = torch.empty(rows, knn, dtype=torch.long)  # (R, knn)
+    sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (R, 2, knn)
+    failed = cpu.parallel_for(cpu.kernel(kernel), rows, *inputs, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub),
+                              head_stride, grain=16)
+    if any(failed):
+        raise MemoryError(f"the product-key search could not allocate its scores and candidate keys per thread "
+                          f"(n_keys {n_keys}, knn {knn})")
+    return out, slots, sub
+
+
 def _cpu_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor, ...]:
     """The C search over ``s`` ``(P, H, 2, n_keys)`` float32: scores and slots ``(P * H, knn)``,
     sub-key rows ``(P * H, 2, knn)`` (see :func:`_select`)."""
-    rows, heads, n_keys = s.shape[0] * s.shape[1], s.shape[1], s.shape[-1]
-    out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
-    slots = torch.empty(rows, knn, dtype=torch.long)  # (P * H, knn)
-    sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (P * H, 2, knn)
-    failed = cpu.parallel_for(cpu.kernel("product_key_topk"), rows, cpu.ptr_strided(s), heads, s.stride(0), s.stride(1),
-                              s.stride(2), n_keys, knn, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), head_stride,
-                              grain=16)
-    if any(failed):
-        raise MemoryError(f"the product-key search could not allocate its candidate keys per thread "
-                          f"(n_keys {n_keys}, knn {knn})")
-    return out, slots, sub
+    heads, n_keys = s.shape[1], s.shape[-1]
+    return _run_c("product_key_topk", s.shape[0] * heads, n_keys, knn, head_stride,
+                  cpu.ptr_strided(s), heads, s.stride(0), s.stride(1), s.stride(2), n_keys, knn)
 
 
 def _cpu_search(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, ...]:
@@ -76,16 +83,8 @@ def _cpu_search(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Te
     heads, _, n_keys, d = keys.shape
     q = q.detach().contiguous()  # (..., H, 2, d): rows (p, h)
     kt = keys.detach().transpose(-1, -2).contiguous()  # (H, 2, d, n_keys): a query's scores are a vector loop
-    rows = q.numel() // (2 * d)
-    out = torch.empty(rows, knn, dtype=torch.float32)  # (P * H, knn)
-    slots = torch.empty(rows, knn, dtype=torch.long)  # (P * H, knn)
-    sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (P * H, 2, knn)
-    failed = cpu.parallel_for(cpu.kernel("product_key_search"), rows, cpu.ptr(q), cpu.ptr(kt), heads, d, n_keys, knn,
-                              cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), 2 * n_keys, grain=16)
-    if any(failed):
-        raise MemoryError(f"the product-key search could not allocate its scores and candidate keys per thread "
-                          f"(n_keys {n_keys}, knn {knn})")
-    return out, slots, sub
+    return _run_c("product_key_search", q.numel() // (2 * d), n_keys, knn, 2 * n_keys,
+                  cpu.ptr(q), cpu.ptr(kt), heads, d, n_keys, knn)
 
 
 def _triton_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,6 @@ state, with a fingerprint of the base model that a ``--resume`` must match.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -47,6 +46,7 @@ from transformers import (
 
 from memlayers.config import ConfigError
 from memlayers.data.tokenizer import FILE_NAME, Tokenizer
+from memlayers.distributed.comm import launch_rank
 from memlayers.integrations.hf.modeling import CACHE_FIELD
 from memlayers.integrations.hf.retrofit import Mode, add_memory, freeze_all_but_memory
 from memlayers.memory.layer import MemoryLayer
@@ -150,7 +150,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     CPU (None on the other ranks, which must call too); the model's own in one process, and on
     rank 0 of processes torchrun started that never formed a group (``retrofit --no-train``)."""
     if not dist.is_initialized():
-        return model.state_dict() if int(os.environ.get("RANK", "0")) == 0 else None
+        return model.state_dict() if launch_rank() == 0 else None
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return full if dist.get_rank() == 0 else None
 
@@ -188,7 +188,7 @@ def retrofit_pretrained(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json: give a local transformers model directory")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     else:  # torchrun's other ranks: shapes only; the trainer gives them rank 0's weights after sharding
         model = meta_model(model_dir)

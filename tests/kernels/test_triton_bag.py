@@ -144,6 +144,21 @@ def test_bag_backward_atomic_matches_reference(k, d):
 
 
 @needs_interpreter
+def test_bag_backward_atomic_dense_rows_and_without_a_table():
+    table, ids, weights, grad_out = fixed_case(6, 4, 9, seed=250)
+    dense_ref = row_grad_reference(weights, grad_out, ids, table.shape[0])
+    grad_w, dense = bag_backward_atomic(table, ids, weights, grad_out, ids, table.shape[0])  # inverse = ids: dense
+    torch.testing.assert_close(dense, dense_ref)
+    torch.testing.assert_close(grad_w, dot_reference(table, ids, grad_out))
+    unread = torch.ones(table.shape[0], dtype=torch.bool)
+    unread[ids.reshape(-1)] = False
+    assert unread.any() and dense[unread].eq(0).all()
+    no_dots, alone = bag_backward_atomic(None, ids, weights, grad_out, ids, table.shape[0])
+    assert no_dots is None
+    torch.testing.assert_close(alone, dense_ref)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("d", [5, 33])
 def test_transposed_bag_is_the_row_gradient_and_agrees_with_atomics(d):
     table, ids, weights, grad_out = fixed_case(7, 8, d, seed=300 + d)
@@ -298,6 +313,8 @@ def test_gpu_all_ops_match_references(dtype, d):
     grad_w, row_grads = bag_backward_atomic(table, ids, weights, grad_out, inverse, uniq.numel())
     torch.testing.assert_close(grad_w, dot_reference(wide_table, ids, wide_grad), **GPU_TOL)
     torch.testing.assert_close(row_grads, expected_rows, **GPU_TOL)
+    _, dense = bag_backward_atomic(None, ids, weights, grad_out, ids, table.shape[0])  # the table gradient alone
+    torch.testing.assert_close(dense[uniq], expected_rows, **GPU_TOL)
 
     csr_table, csr_ids, csr_weights, csr_offsets = csr_case(d, rows=500, seed=d, device="cuda")
     csr_table = csr_table.to(dtype)

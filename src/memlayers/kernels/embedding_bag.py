@@ -201,15 +201,6 @@ class RowGrad:
         return dense if dtype is None else dense.to(dtype)
 
 
-def one_pass_pays(n_rows: int, dim: int) -> bool:
-    """Whether a dense ``(n_rows, dim)`` gradient costs less added up in place, one lookup at a
-    time (a backend's ``dense_grad``), than sorted into row segments and written once. In place
-    each lookup reads and writes its row at random: cheap while the rows are narrow or the whole
-    gradient stays in cache. Measured on a 2-core CPU (2026-12-03): one pass wins for 64-float
-    rows up to 262k rows and for tables up to 8 MiB; 128-float rows of a 32 MiB table break even."""
-    return dim <= 64 or n_rows * dim * 4 <= 8 * 2**20
-
-
 def row_grad_of(param: torch.Tensor) -> RowGrad | None:
     """The row gradient accumulated on ``param`` by ``table_grad="rows"`` reads, or None."""
     return getattr(param, "row_grad", None)
@@ -233,7 +224,7 @@ def read_table_grad(
     if table_grad == "rows":
         accumulate_row_grad(param, ids, weights, grad_out, ops)
         return None
-    if hasattr(ops, "dense_grad") and one_pass_pays(n_rows, grad_out.shape[-1]):
+    if hasattr(ops, "dense_grad") and ops.one_pass_pays(n_rows, grad_out.shape[-1]):
         return ops.dense_grad(n_rows, ids, weights, grad_out)[0].to(dtype)
     rows = RowGrad(n_rows, grad_out.shape[-1], ops)
     rows.add(ids, weights, grad_out)
@@ -258,16 +249,13 @@ class BagFunction(torch.autograd.Function):
         indices, weights, table = ctx.saved_tensors
         grad_out = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)).contiguous()  # (B, d)
         grad_weights = grad_table = None
-        if ctx.table_grad == "dense" and ctx.needs_input_grad[2] and hasattr(ctx.ops, "backward_atomic"):
-            grad_weights, rows, row_grads = ctx.ops.backward_atomic(table, indices, weights, grad_out)
-            grad_table = torch.zeros_like(table).index_copy_(0, rows, row_grads.to(table.dtype))  # (N, d)
-            return None, grad_weights.to(weights.dtype) if ctx.needs_input_grad[1] else None, grad_table, None, None
-        if (
-            ctx.table_grad == "dense" and all(ctx.needs_input_grad[1:3]) and hasattr(ctx.ops, "dense_grad")
-            and one_pass_pays(*table.shape)
-        ):  # both gradients in one pass over the lookups
-            grad_table, grad_weights = ctx.ops.dense_grad(table.shape[0], indices, weights, grad_out, table)
-            return None, grad_weights.to(weights.dtype), grad_table.to(table.dtype), None, None
+        dense = ctx.table_grad == "dense" and ctx.needs_input_grad[2]
+        if dense and hasattr(ctx.ops, "dense_grad") and ctx.ops.one_pass_pays(*table.shape):
+            # the table's gradient, and (handed the table) the weights', in one pass over the lookups
+            read = table if ctx.needs_input_grad[1] else None
+            grad_table, dots = ctx.ops.dense_grad(table.shape[0], indices, weights, grad_out, read)
+            grad_weights = None if dots is None else dots.to(weights.dtype)
+            return None, grad_weights, grad_table.to(table.dtype), None, None
         if ctx.needs_input_grad[1]:
             grad_weights = ctx.ops.bag_dot(table, indices, grad_out).to(weights.dtype)  # (B, K)
         if ctx.needs_input_grad[2]:

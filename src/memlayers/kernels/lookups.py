@@ -52,3 +52,16 @@ def check_offsets(offsets: torch.Tensor, n_ids: int, what: str) -> None:
         return
     if int(offsets[0]) < 0 or int(offsets[-1]) > n_ids or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"{what}: offsets must rise from >= 0 to at most {n_ids} (the number of ids)")
+
+
+def check_dense_grad(n_rows: int, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor,
+                     table: torch.Tensor | None) -> None:
+    """Refuse the arguments of a backend's one-pass ``dense_grad`` unless ``ids`` and ``weights``
+    are ``(B, K)``, ``grad_out`` is ``(B, d)``, the ids lie in ``[0, n_rows)`` and the table, if
+    given, is ``(n_rows, d)``."""
+    if ids.dim() != 2 or weights.shape != ids.shape or grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0]:
+        raise ValueError(f"dense_grad: ids {tuple(ids.shape)}, weights {tuple(weights.shape)} and grad_out "
+                         f"{tuple(grad_out.shape)} must be (B, K), (B, K) and (B, d)")
+    check_ids(ids, n_rows, "dense_grad")
+    if table is not None and tuple(table.shape) != (n_rows, grad_out.shape[1]):
+        raise ValueError(f"dense_grad: the table is {tuple(table.shape)}, the gradient ({n_rows}, {grad_out.shape[1]})")

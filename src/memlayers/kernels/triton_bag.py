@@ -17,8 +17,9 @@ Every op accumulates in fp32 and returns fp32, whatever the table's dtype
 * :func:`bag_dot` -- weight gradient of a fixed-size bag,
   ``out[b, k] = grad_out[b] . table[ids[b, k]]``. One program per bag.
 * :func:`bag_backward_atomic` -- single pass over the lookups computing the
-  weight gradient (as :func:`bag_dot`) and scattering ``weights[b, k] *
-  grad_out[b]`` into a compact ``(n_rows, d)`` buffer with ``tl.atomic_add``.
+  weight gradient (as :func:`bag_dot`, when handed the table) and scattering
+  ``weights[b, k] * grad_out[b]`` into an ``(n_rows, d)`` buffer (the dense
+  table gradient, or the compact rows of unique ids) with ``tl.atomic_add``.
   Fast, but the summation order of a row's contributions is not fixed, so the
   row gradient is not bit-for-bit reproducible.
 
@@ -99,10 +100,10 @@ if triton is not None:
 
     @triton.jit
     def _bag_dot_kernel(
-        table_ptr,  # (N, d) fp32 / bf16 / fp16, contiguous
+        table_ptr,  # (N, d) fp32 / bf16 / fp16, contiguous; read only WITH_DOTS
         ids_ptr,  # (B, K) int32 / int64
         grad_ptr,  # (B, d) fp32 / bf16 / fp16
-        dots_ptr,  # (B, K) fp32 out
+        dots_ptr,  # (B, K) fp32 out; written only WITH_DOTS
         weights_ptr,  # (B, K) fp32; read only WITH_ROW_GRADS
         inverse_ptr,  # (B, K) int32 / int64; read only WITH_ROW_GRADS
         row_grads_ptr,  # (n_rows, d) fp32, zero-initialised; written only WITH_ROW_GRADS
@@ -111,6 +112,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
         ONE_D_BLOCK: tl.constexpr,
+        WITH_DOTS: tl.constexpr,
         WITH_ROW_GRADS: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
@@ -135,8 +137,9 @@ if triton is not None:
                 else:
                     g = tl.load(grad_row + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_D,)
                 tile_mask = k_mask[:, None] & col_mask[None, :]
-                tile = tl.load(table_ptr + rows[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
-                acc += tl.sum(tile.to(tl.float32) * g[None, :], axis=1)  # (BLOCK_K,)
+                if WITH_DOTS:
+                    tile = tl.load(table_ptr + rows[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
+                    acc += tl.sum(tile.to(tl.float32) * g[None, :], axis=1)  # (BLOCK_K,)
                 if WITH_ROW_GRADS:
                     tl.atomic_add(
                         row_grads_ptr + slots[:, None] * d + cols[None, :],  # (BLOCK_K, BLOCK_D)
@@ -144,7 +147,8 @@ if triton is not None:
                         mask=tile_mask,
                         sem="relaxed",
                     )
-            tl.store(dots_ptr + b * K + ks, acc, mask=k_mask)
+            if WITH_DOTS:
+                tl.store(dots_ptr + b * K + ks, acc, mask=k_mask)
 
 
 # @triton.jit picks the interpreter at decoration time (TRITON_INTERPRET=1), so ask the kernel itself.
@@ -241,49 +245,53 @@ def bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: 
 
 
 def _bag_dot_launch(
-    table: torch.Tensor,
+    table: torch.Tensor | None,
     ids: torch.Tensor,
     grad_out: torch.Tensor,
     weights: torch.Tensor | None,
     inverse: torch.Tensor | None,
     row_grads: torch.Tensor | None,
-) -> torch.Tensor:
-    """Launch ``_bag_dot_kernel`` on validated inputs; returns the ``(B, K)`` dots."""
+) -> torch.Tensor | None:
+    """Launch ``_bag_dot_kernel`` on validated inputs; returns the ``(B, K)`` dots (None without a table)."""
     n_bags, k = ids.shape
-    d = table.shape[1]
-    table = table.contiguous()  # (N, d)
+    d = grad_out.shape[1]
     ids = ids.contiguous()  # (B, K)
     grad_out = grad_out.contiguous()  # (B, d)
-    dots = torch.empty(n_bags, k, dtype=torch.float32, device=table.device)  # (B, K)
+    with_dots, with_row_grads = table is not None, row_grads is not None
+    dots = torch.empty(n_bags, k, dtype=torch.float32, device=ids.device) if with_dots else None  # (B, K)
 
     block_d = _pow2_block(d, 16, _DOT_MAX_BLOCK_D)
     block_k = _pow2_block(k, 2, max(2, 4096 // block_d))
-    with_row_grads = row_grads is not None
+    spare = grad_out  # a placeholder for the pointers a variant does not touch
     _bag_dot_kernel[(n_bags,)](
-        table, ids, grad_out, dots,
-        weights if with_row_grads else dots,  # unused placeholders when not WITH_ROW_GRADS
+        table.contiguous() if with_dots else spare, ids, grad_out, dots if with_dots else spare,
+        weights if with_row_grads else spare,
         inverse if with_row_grads else ids,
-        row_grads if with_row_grads else dots,
+        row_grads if with_row_grads else spare,
         k, d,
-        BLOCK_K=block_k, BLOCK_D=block_d, ONE_D_BLOCK=d <= block_d, WITH_ROW_GRADS=with_row_grads,
-        num_warps=_num_warps(block_k * block_d),
+        BLOCK_K=block_k, BLOCK_D=block_d, ONE_D_BLOCK=d <= block_d, WITH_DOTS=with_dots,
+        WITH_ROW_GRADS=with_row_grads, num_warps=_num_warps(block_k * block_d),
     )  # fmt: skip
     return dots
 
 
-def _check_fixed_bag(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> None:
-    _check_table(table)
+def _check_fixed_bag(table: torch.Tensor | None, ids: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """Refuse a fixed-size bag's gradient inputs: ``ids (B, K)`` (rows of the table, when there is
+    one to read) and ``grad_out (B, d)`` (``d`` the table's width), on one device."""
+    device = grad_out.device if table is None else table.device
+    if table is not None:
+        _check_table(table)
     if ids.dim() != 2:
         raise ValueError(f"ids must be 2-D (bags, K), got shape {tuple(ids.shape)}")
-    if grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0] or grad_out.shape[1] != table.shape[1]:
-        raise ValueError(
-            f"grad_out must have shape (B, d) = ({ids.shape[0]}, {table.shape[1]}), got {tuple(grad_out.shape)}"
-        )
+    d = grad_out.shape[-1] if table is None else table.shape[1]
+    if grad_out.dim() != 2 or grad_out.shape[0] != ids.shape[0] or grad_out.shape[1] != d:
+        raise ValueError(f"grad_out must have shape (B, d) = ({ids.shape[0]}, {d}), got {tuple(grad_out.shape)}")
     if grad_out.dtype not in _TABLE_DTYPES:
         raise ValueError(f"grad_out dtype must be float32, bfloat16 or float16, got {grad_out.dtype}")
-    _check_device("ids", ids, table.device)
-    _check_device("grad_out", grad_out, table.device)
-    check_ids(ids, table.shape[0], "bag_dot")
+    _check_device("ids", ids, device)
+    _check_device("grad_out", grad_out, device)
+    if table is not None:
+        check_ids(ids, table.shape[0], "bag_dot")
 
 
 def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -306,34 +314,41 @@ def bag_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> t
 
 
 def bag_backward_atomic(
-    table: torch.Tensor,
+    table: torch.Tensor | None,
     ids: torch.Tensor,
     weights: torch.Tensor,
     grad_out: torch.Tensor,
     inverse: torch.Tensor,
     n_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Both gradients of a fixed-size bag in one pass, the row gradient by atomics.
 
     ``grad_weights[b, k] = dot(grad_out[b], table[ids[b, k]])`` and
-    ``row_grads[inverse[b, k]] += weights[b, k] * grad_out[b]``. The row
-    gradient is compact: row ``r`` belongs to the ``r``-th unique id, as from
-    ``torch.unique(ids, return_inverse=True)``. Not bit-for-bit deterministic
-    (the order of atomic float adds varies); use :func:`bag` on the transposed
-    bag for a deterministic row gradient.
+    ``row_grads[inverse[b, k]] += weights[b, k] * grad_out[b]``. With
+    ``inverse = ids`` and ``n_rows`` the table's rows, ``row_grads`` is the
+    dense table gradient; with the inverse of ``torch.unique(ids,
+    return_inverse=True)`` it is compact, row ``r`` for the ``r``-th unique id.
+    Not bit-for-bit deterministic (the order of atomic float adds varies); use
+    :func:`bag` on the transposed bag for a deterministic row gradient.
 
     Args:
-        table: ``(N, d)`` float32, bfloat16 or float16 rows.
+        table: ``(N, d)`` float32, bfloat16 or float16 rows, or None for the row gradient alone.
         ids: ``(B, K)`` int64 or int32 row ids into ``table``.
         weights: ``(B, K)`` weights of the forward bag (computed in float32).
         grad_out: ``(B, d)`` gradient of the bag output.
         inverse: ``(B, K)`` int64 or int32, each lookup's slot in ``[0, n_rows)`` (checked).
-        n_rows: number of unique touched rows.
+        n_rows: number of rows of ``row_grads``.
 
     Returns:
-        ``(grad_weights (B, K), row_grads (n_rows, d))``, both float32.
+        ``(grad_weights (B, K) or None without a table, row_grads (n_rows, d))``, both float32.
     """
     _require_triton()
+    try:
+        n_rows = operator.index(n_rows)
+    except TypeError:
+        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}") from None
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}")
     _check_fixed_bag(table, ids, grad_out)
     if weights.shape != ids.shape or inverse.shape != ids.shape:
         raise ValueError(
@@ -341,24 +356,19 @@ def bag_backward_atomic(
             "must have the same (B, K) shape"
         )
     _check_float("weights", weights)
-    try:
-        n_rows = operator.index(n_rows)
-    except TypeError:
-        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}") from None
-    if n_rows < 0:
-        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}")
-    _check_device("weights", weights, table.device)
-    _check_device("inverse", inverse, table.device)
+    _check_device("weights", weights, grad_out.device)
+    _check_device("inverse", inverse, grad_out.device)
 
     n_bags, k = ids.shape
-    d = table.shape[1]
-    row_grads = torch.zeros(n_rows, d, dtype=torch.float32, device=table.device)  # (n_rows, d)
+    d = grad_out.shape[1]
+    row_grads = torch.zeros(n_rows, d, dtype=torch.float32, device=grad_out.device)  # (n_rows, d)
     if n_bags == 0 or k == 0 or d == 0:
-        return torch.zeros(n_bags, k, dtype=torch.float32, device=table.device), row_grads
+        dots = None if table is None else torch.zeros(n_bags, k, dtype=torch.float32, device=grad_out.device)
+        return dots, row_grads
     if n_rows == 0:
         raise ValueError(f"n_rows is 0 but there are {n_bags * k} lookups to scatter")
     check_ids(inverse, n_rows, "bag_backward_atomic", "inverse")
     weights = weights.to(torch.float32).contiguous()  # (B, K)
     inverse = inverse.contiguous()  # (B, K)
-    dots = _bag_dot_launch(table, ids, grad_out, weights, inverse, row_grads)  # (B, K)
+    dots = _bag_dot_launch(table, ids, grad_out, weights, inverse, row_grads)  # (B, K) or None
     return dots, row_grads

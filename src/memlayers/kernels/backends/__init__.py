@@ -17,10 +17,11 @@ whose static methods provide them:
     the squared norm of a :class:`~memlayers.kernels.embedding_bag.RowGrad` (for clipping).
 ``sgd``, ``adagrad``, ``adam``
     the row-sparse optimizer updates of a table from a ``RowGrad`` or ``(rows, grads)``.
-``dense_grad(n_rows, ids, weights, grad_out, table=None)`` (optional)
-    a fixed-size read's dense table gradient ``(n_rows, d)`` in one pass, and with the
-    ``table`` its weight gradient (as ``bag_dot``) in the same pass; without it the
-    gradient is a ``RowGrad`` written out (sorted into row segments, then one bag per row).
+``dense_grad(n_rows, ids, weights, grad_out, table=None)`` and ``one_pass_pays(n_rows, dim)`` (optional)
+    a fixed-size read's dense table gradient ``(n_rows, d)`` in one pass over the lookups,
+    and with the ``table`` its weight gradient (as ``bag_dot``) in the same pass; used where
+    ``one_pass_pays`` says it beats the sorted route (a ``RowGrad`` sorted into row segments,
+    then one bag per row), which backends without it always take.
 
 Backends (``table_grad="rows"`` reads record which one made the gradient, and
 the optimizer step uses the same one):
@@ -30,8 +31,8 @@ the optimizer step uses the same one):
 - :class:`~.cpu_ops.CpuOps` (``cpu``): the C kernels, with row updates fused
   with the gradient's reduction;
 - :class:`~.triton_ops.TritonOps` (``triton``): Triton bags on the GPU;
-  :class:`~.triton_ops.TritonAtomicOps` (``triton_atomic``) adds a one-pass
-  atomic backward for dense table gradients.
+  :class:`~.triton_ops.TritonAtomicOps` (``triton_atomic``) adds the one-pass
+  dense gradient, by atomics.
 
 Two more names need no ops: ``reference`` (gather, scale, sum with autograd)
 and ``torch`` (``F.embedding_bag``, dense table gradient only).

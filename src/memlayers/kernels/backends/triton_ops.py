@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from memlayers.kernels.backends.torch_ops import TorchOps
+from memlayers.kernels.lookups import check_dense_grad
 
 
 class TritonOps(TorchOps):
@@ -36,12 +37,19 @@ class TritonAtomicOps(TritonOps):
     (faster where many lookups share rows; the summation order is not fixed)."""
 
     @staticmethod
-    def backward_atomic(
-        table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Weight gradient ``(B, K)``, unique rows ``(U,)`` and their gradients ``(U, d)``, in one pass."""
+    def one_pass_pays(n_rows: int, dim: int) -> bool:
+        """Always: the one-pass backward is what this backend is chosen for."""
+        return True
+
+    @staticmethod
+    def dense_grad(
+        n_rows: int, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, table: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense table gradient ``(n_rows, d)``, each lookup's ``weights[b, k] * grad_out[b]`` added
+        to its row by atomics; with the ``table``, the weight gradient ``(B, K)`` in the same pass
+        (else None). Both float32."""
         from memlayers.kernels import triton_bag
 
-        rows, inverse = torch.unique(ids, return_inverse=True)  # (U,), (B, K)
-        grad_weights, row_grads = triton_bag.bag_backward_atomic(table, ids, weights.float(), grad_out, inverse, rows.numel())
-        return grad_weights, rows.long(), row_grads  # int64 rows whatever the ids' dtype (index_copy_ takes int64)
+        check_dense_grad(n_rows, ids, weights, grad_out, table)
+        dots, grad = triton_bag.bag_backward_atomic(table, ids, weights.float(), grad_out, ids, n_rows)  # inverse = ids
+        return grad, dots

@@ -7,6 +7,7 @@ import torch
 
 from memlayers.kernels import cpu
 from memlayers.memory import MemoryConfig, ProductKeySearch
+from memlayers.memory.product_keys import unit_normalize
 
 SHAPES = [
     # n_keys, heads, knn, k_dim, qk_norm
@@ -86,3 +87,29 @@ def test_init_follows_the_paper():
     xavier = math.sqrt(6 / (128 + 2 * 64))
     assert search.query_proj.weight.abs().max() <= xavier
     assert search.query_proj.weight.abs().max() > 0.95 * xavier
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unit_normalize_matches_f_normalize_and_its_gradient(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 2, 16, generator=g, dtype=torch.float64)
+    x[0, 0, 0] = 0  # a zero row: the norm is clamped, the map a plain scaling by 1 / eps
+    x[0, 0, 1] *= 1e-14  # a row below eps
+    x[1] *= 1e3
+    x = x.to(dtype)
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = unit_normalize(ours)
+    expected = torch.nn.functional.normalize(theirs, dim=-1)
+    tol = {"rtol": 2e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, expected, **tol)
+    out.backward(grad)
+    expected.backward(grad)
+    scale = theirs.grad.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)  # the clamped rows' gradients are ~1e12
+    torch.testing.assert_close(ours.grad / scale, theirs.grad / scale, **tol)
+    assert ours.grad.dtype == dtype
+
+
+def test_unit_normalize_gradcheck():
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(unit_normalize, (x,))

@@ -1,7 +1,7 @@
-"""Building and loading the C kernels: cache, fallback without a compiler, thread splitting."""
+"""Building and loading the C kernels: cache, fallback without a compiler, their threads."""
 
 import ctypes
-import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -50,18 +50,39 @@ def test_a_broken_compiler_warns_and_falls_back(fresh_build, monkeypatch):
         assert cpu.library() is None
 
 
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler")
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_the_kernels_run_on_torchs_openmp_threads():
+    if cpu.library().max_threads() == 0:
+        pytest.skip("the kernels were built without OpenMP (they run in the calling thread)")
+    for n in (1, 3, 2):  # torch.set_num_threads sets the team of the OpenMP runtime the kernels share
+        with torch_threads(n):
+            assert cpu.library().max_threads() == n
+
+
+@needs_kernels
 @pytest.mark.parametrize("total", [0, 1, 255, 1000, 4097])
-def test_parallel_for_covers_the_range_once(total, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    seen, lock = [], threading.Lock()
-
-    def record(tag, start, stop):
-        with lock:
-            seen.append((start, stop))
-        return tag
-
-    results = cpu.parallel_for(record, total, "x", grain=100)
-    covered = sorted(i for start, stop in seen for i in range(start, stop))
-    assert covered == list(range(total))
-    assert len(seen) == min(3, max(1, total // 100)) if total else seen == []
-    assert results == ["x"] * len(seen)
+def test_a_kernel_covers_its_range_once_whatever_the_threads(total):
+    g = torch.Generator().manual_seed(total)
+    table, K = torch.randn(50, 8, generator=g), 3
+    ids, weights = torch.randint(0, 50, (total * K,), generator=g), torch.randn(total * K, generator=g)
+    offsets = torch.arange(total + 1) * K
+    expected = (table[ids] * weights[:, None]).view(total, K, 8).sum(1)  # (total, 8)
+    for n in (1, 2, 3):
+        out = torch.full((total, 8), float("nan"))  # a bag no thread wrote stays NaN
+        with torch_threads(n):
+            cpu.run(cpu.kernel("bag", torch.float32), total, cpu.ptr(table), 8, cpu.ptr(ids), cpu.ptr(weights),
+                    cpu.ptr(offsets), cpu.ptr(out), grain=100)
+        torch.testing.assert_close(out, expected)

@@ -109,10 +109,10 @@ def _cpu_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable
     out = torch.empty(ids.shape[0], table.dim)  # (B, d)
     codes, scales = table.codes.contiguous(), table.scales.float().contiguous()  # a model cast to bf16 casts scales too
     if table.bits == 8:
-        cpu.parallel_for(cpu.kernel("bag_q8"), out.shape[0], cpu.ptr(codes), cpu.ptr(scales), table.dim, cpu.ptr(ids),
+        cpu.run(cpu.kernel("bag_q8"), out.shape[0], cpu.ptr(codes), cpu.ptr(scales), table.dim, cpu.ptr(ids),
                          cpu.ptr(w), cpu.ptr(offsets), cpu.ptr(out))
     else:
-        cpu.parallel_for(cpu.kernel("bag_q4"), out.shape[0], cpu.ptr(codes), cpu.ptr(scales), table.dim,
+        cpu.run(cpu.kernel("bag_q4"), out.shape[0], cpu.ptr(codes), cpu.ptr(scales), table.dim,
                          table.group_size, cpu.ptr(ids), cpu.ptr(w), cpu.ptr(offsets), cpu.ptr(out))
     return out.reshape(*lead, table.dim)
 

@@ -60,9 +60,8 @@ def _run_c(kernel: str, rows: int, n_keys: int, knn: int, head_stride: int, *inp
     out = torch.empty(rows, knn, dtype=torch.float32)  # (R, knn)
     slots = torch.empty(rows, knn, dtype=torch.long)  # (R, knn)
     sub = torch.empty(rows, 2, knn, dtype=torch.long)  # (R, 2, knn)
-    failed = cpu.parallel_for(cpu.kernel(kernel), rows, *inputs, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub),
-                              head_stride, grain=16)
-    if any(failed):
+    failed = cpu.run(cpu.kernel(kernel), rows, *inputs, cpu.ptr(out), cpu.ptr(slots), cpu.ptr(sub), head_stride, grain=16)
+    if failed:
         raise MemoryError(f"the product-key search could not allocate its scores and candidate keys per thread "
                           f"(n_keys {n_keys}, knn {knn})")
     return out, slots, sub

@@ -42,7 +42,7 @@ def _launch(name: str, dtypes: tuple[torch.dtype, ...], grad, tensors: tuple, sc
     args = [cpu.ptr(t) for t in tensors] + [table.shape[1]]
     args += [cpu.ptr(seg.rows), cpu.ptr(seg.offsets), cpu.ptr(seg.bags), cpu.ptr(seg.weights), cpu.ptr(seg.grad_out)]
     args += [grad.scale, *scalars]
-    cpu.parallel_for(cpu.kernel(name, *dtypes), seg.rows.numel(), *args, grain=64)
+    cpu.run(cpu.kernel(name, *dtypes), seg.rows.numel(), *args, grain=64)
     # written through raw pointers: tell autograd, so a graph that saved the old values fails loudly
     torch.autograd.graph.increment_version(list(tensors))
 
@@ -63,7 +63,7 @@ class CpuOps(TorchOps):
         d = table.shape[1]
         out = torch.empty(offsets.numel() - 1, d)  # (S, d)
         fn = cpu.kernel("bag", table.dtype)
-        cpu.parallel_for(fn, out.shape[0], cpu.ptr(table), d, cpu.ptr(ids), cpu.ptr(weights), cpu.ptr(offsets), cpu.ptr(out))
+        cpu.run(fn, out.shape[0], cpu.ptr(table), d, cpu.ptr(ids), cpu.ptr(weights), cpu.ptr(offsets), cpu.ptr(out))
         return out
 
     @staticmethod
@@ -80,7 +80,7 @@ class CpuOps(TorchOps):
         B, K = ids.shape
         out = torch.empty(B, K)  # (B, K)
         fn = cpu.kernel("bag_dot", table.dtype)
-        cpu.parallel_for(fn, B, cpu.ptr(table), table.shape[1], cpu.ptr(ids), K, cpu.ptr(grad_out), cpu.ptr(out), grain=16)
+        cpu.run(fn, B, cpu.ptr(table), table.shape[1], cpu.ptr(ids), K, cpu.ptr(grad_out), cpu.ptr(out), grain=16)
         return out
 
     @staticmethod
@@ -112,7 +112,7 @@ class CpuOps(TorchOps):
             dots = torch.empty(ids.shape)  # (B, K)
         fn = cpu.kernel("dense_grad", torch.float32 if table is None else table.dtype)
         # split by rows, not lookups: threads never write the same row (grain: a thread scans every lookup)
-        cpu.parallel_for(fn, n_rows, cpu.ptr(out), d, cpu.ptr(ids), cpu.ptr(weights), ids.numel(), ids.shape[1],
+        cpu.run(fn, n_rows, cpu.ptr(out), d, cpu.ptr(ids), cpu.ptr(weights), ids.numel(), ids.shape[1],
                          cpu.ptr(grad_out), None if table is None else cpu.ptr(table),
                          None if dots is None else cpu.ptr(dots), grain=1024)
         return out, dots
@@ -123,11 +123,11 @@ class CpuOps(TorchOps):
         seg = grad.segments()
         if seg.grad_out.dtype != torch.float32 or seg.grad_out.device.type != "cpu" or not cpu.available():
             return TorchOps.sq_norm(grad)
-        parts = cpu.parallel_for(
+        total = cpu.run(
             cpu.library().row_grad_sq_norm, seg.rows.numel(), cpu.ptr(seg.offsets), cpu.ptr(seg.bags),
             cpu.ptr(seg.weights), cpu.ptr(seg.grad_out), grad.dim, grain=64,
         )
-        return float(sum(parts)) * grad.scale**2
+        return total * grad.scale**2
 
     @staticmethod
     def sgd(table: torch.Tensor, grad, lr: float, weight_decay: float) -> None:

@@ -1,11 +1,11 @@
 /* CPU kernels of memlayers: the weighted embedding bag, its weight gradient,
  * and row-sparse optimizer updates fused with the row-gradient reduction.
  *
- * Plain C99, no dependencies; compiled on first use by memlayers/kernels/cpu.py
- * and called through ctypes (which releases the GIL, so Python threads run
- * disjoint ranges in parallel). Tables are float32 or bfloat16 (as uint16);
- * all arithmetic is float32. Every function works on the index range
- * [start, stop) of its outer loop so that callers can split work over threads.
+ * Plain C99 (OpenMP where the compiler has it); compiled on first use by
+ * memlayers/kernels/cpu.py and called through ctypes. Tables are float32 or
+ * bfloat16 (as uint16); all arithmetic is float32. Every function splits its
+ * outer loop of total items over threads (parallel.h): each thread works on its
+ * range [start, stop).
  *
  * The row gradient of a table is kept factored: lookup j of bag b read row
  * ids[j] with weight w[j], so grad(row) = sum over lookups j of that row of
@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #define PREFETCH_AHEAD 16
 
@@ -50,7 +52,9 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
 /* out[s] = sum_{j in [offsets[s], offsets[s+1])} w[j] * table[ids[j]]  (CSR bags, float32 out) */
 #define DEFINE_BAG(NAME, T, LOAD)                                                                      \
     void NAME(const T *table, int64_t d, const int64_t *ids, const float *w, const int64_t *offsets,    \
-              float *out, int64_t start, int64_t stop) {                                               \
+              float *out, int64_t total, int64_t grain) {                                               \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         for (int64_t s = start; s < stop; s++) {                                                       \
             float *restrict o = out + s * d;                                                           \
             for (int64_t c = 0; c < d; c++) o[c] = 0.0f;                                               \
@@ -74,6 +78,7 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
                 _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * LOAD(row[c]);         \
             }                                                                                          \
         }                                                                                              \
+        }                                                                                               \
     }
 
 /* out[b * K + k] = grad_out[b] . table[ids[b * K + k]]  (weight gradient of fixed-size bags).
@@ -82,7 +87,9 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
 #define LANES 8
 #define DEFINE_BAG_DOT(NAME, T, LOAD)                                                                  \
     void NAME(const T *table, int64_t d, const int64_t *ids, int64_t K, const float *grad_out,          \
-              float *out, int64_t start, int64_t stop) {                                               \
+              float *out, int64_t total, int64_t grain) {                                               \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         const int64_t body = d - d % LANES;                                                            \
         for (int64_t b = start; b < stop; b++) {                                                       \
             const float *restrict g = grad_out + b * d;                                                \
@@ -111,6 +118,7 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
                 out[j] = acc;                                                                          \
             }                                                                                          \
         }                                                                                              \
+        }                                                                                               \
     }
 
 /* The dense table gradient of fixed-size bags, rows [start, stop) of it:
@@ -128,7 +136,9 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
 #define PREFETCH_ABOVE (1 << 20) /* bytes of gradient rows per thread: below, they stay in L2 */
 #define DEFINE_DENSE_GRAD(NAME, T, LOAD)                                                               \
     void NAME(float *grad, int64_t d, const int64_t *ids, const float *w, int64_t n_lookups, int64_t K, \
-              const float *grad_out, const T *table, float *dots, int64_t start, int64_t stop) {       \
+              const float *grad_out, const T *table, float *dots, int64_t total, int64_t grain) {       \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         memset(grad + start * d, 0, (size_t)(stop - start) * (size_t)d * sizeof(float));               \
         const int64_t body = d - d % LANES;                                                            \
         const int far = (stop - start) * d * (int64_t)sizeof(float) > PREFETCH_ABOVE;                  \
@@ -168,7 +178,18 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
                 _Pragma("omp simd") for (int64_t c = 0; c < d; c++) o[c] += wj * g[c];                 \
             }                                                                                          \
         }                                                                                              \
+        }                                                                                               \
     }
+
+/* The threads a kernel may use (torch.get_num_threads() when torch's libgomp is the one
+ * loaded), or 0 when the library was built without OpenMP. */
+int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
+}
 
 DEFINE_BAG(bag_f32, float, F32_LOAD)
 DEFINE_BAG(bag_bf16, uint16_t, BF16_LOAD)
@@ -191,19 +212,30 @@ static inline void segment_grad(int64_t u, const int64_t *seg, const int64_t *ba
     }
 }
 
-/* sum over segments in [start, stop) of |row gradient|^2 (for gradient clipping) */
+/* sum over the segments of |row gradient|^2 (for gradient clipping); each thread's
+ * part is summed alone, then the parts in thread order, so a thread count gives one result */
 double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w, const float *grad_out,
-                        int64_t d, int64_t start, int64_t stop) {
-    float acc[d];
-    double total = 0.0;
-    for (int64_t u = start; u < stop; u++) {
-        segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc, seg[stop]);
-        float sq = 0.0f;
+                        int64_t d, int64_t total, int64_t grain) {
+    const int team = team_size(total, grain);
+    double parts[team];
+    for (int t = 0; t < team; t++) parts[t] = 0.0;
+#pragma omp parallel num_threads(team)
+    {
+        THREAD_RANGE(total);
+        float acc[d];
+        double sum = 0.0;
+        for (int64_t u = start; u < stop; u++) {
+            segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc, seg[stop]);
+            float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
-        for (int64_t c = 0; c < d; c++) sq += acc[c] * acc[c];
-        total += sq;
+            for (int64_t c = 0; c < d; c++) sq += acc[c] * acc[c];
+            sum += sq;
+        }
+        parts[thread_index()] = sum;
     }
-    return total;
+    double sum = 0.0;
+    for (int t = 0; t < team; t++) sum += parts[t];
+    return sum;
 }
 
 /* prefetch row rows[u + PREFETCH_AHEAD] of a (N, d) array of element type T */
@@ -213,8 +245,10 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
 /* SGD with decoupled weight decay on the touched rows: p = p * (1 - lr * wd) - lr * g */
 #define DEFINE_SGD(NAME, T, LOAD, STORE)                                                                 \
     void NAME(T *table, int64_t d, const int64_t *rows, const int64_t *seg, const int64_t *bags,          \
-              const float *w, const float *grad_out, float scale, float lr, float wd, int64_t start,      \
-              int64_t stop) {                                                                             \
+              const float *w, const float *grad_out, float scale, float lr, float wd, int64_t total,      \
+              int64_t grain) {                                                                             \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
@@ -223,6 +257,7 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
             T *p = table + rows[u] * d;                                                                   \
             for (int64_t c = 0; c < d; c++) p[c] = STORE(LOAD(p[c]) * decay - lr * g[c]);                 \
         }                                                                                                 \
+        }                                                                                               \
     }
 
 /* Row-wise Adagrad (one float32 state per row, as FBGEMM's embedding tables):
@@ -230,7 +265,9 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
 #define DEFINE_ADAGRAD(NAME, T, LOAD, STORE)                                                             \
     void NAME(T *table, float *state, int64_t d, const int64_t *rows, const int64_t *seg,                 \
               const int64_t *bags, const float *w, const float *grad_out, float scale, float lr, float eps, \
-              float wd, int64_t start, int64_t stop) {                                                    \
+              float wd, int64_t total, int64_t grain) {                                                    \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
@@ -245,6 +282,7 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
             T *p = table + r * d;                                                                         \
             for (int64_t c = 0; c < d; c++) p[c] = STORE(LOAD(p[c]) * decay - step * g[c]);               \
         }                                                                                                 \
+        }                                                                                               \
     }
 
 /* AdamW on the touched rows with a per-row step count (bias correction of a row
@@ -254,7 +292,9 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
 #define DEFINE_ADAM(NAME, T, LOAD, STORE, S, SLOAD, SSTORE)                                              \
     void NAME(T *table, S *exp_avg, S *exp_avg_sq, int32_t *steps, int64_t d, const int64_t *rows,        \
               const int64_t *seg, const int64_t *bags, const float *w, const float *grad_out, float scale, \
-              float lr, float beta1, float beta2, float eps, float wd, int64_t start, int64_t stop) {      \
+              float lr, float beta1, float beta2, float eps, float wd, int64_t total, int64_t grain) {      \
+        _Pragma("omp parallel num_threads(team_size(total, grain))") {                                  \
+        THREAD_RANGE(total);                                                                            \
         float g[d];                                                                                       \
         const float decay = 1.0f - lr * wd;                                                               \
         for (int64_t u = start; u < stop; u++) {                                                          \
@@ -278,6 +318,7 @@ double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w,
                 p[c] = STORE(LOAD(p[c]) * decay - step_size * mc / (sqrtf(vc) / root_bc2 + eps));         \
             }                                                                                             \
         }                                                                                                 \
+        }                                                                                               \
     }
 
 DEFINE_SGD(sgd_f32, float, F32_LOAD, F32_STORE)

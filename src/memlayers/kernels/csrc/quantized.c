@@ -6,13 +6,16 @@
  * with +8 so a nibble is 0..15 for codes -8..7) and d / g float scales, one per
  * group of g consecutive columns; value = scale[r, c / g] * code.
  * Same CSR bags as bag.c: out[s] = sum over j in [offsets[s], offsets[s+1]) of
- * w[j] * value(ids[j]), float32 out, over the bag range [start, stop).
+ * w[j] * value(ids[j]), float32 out, the bags split over threads (parallel.h).
  */
 #include <stdint.h>
 
+#include "parallel.h"
+
 void bag_q8(const int8_t *codes, const float *scales, int64_t d, const int64_t *ids, const float *w,
-            const int64_t *offsets, float *out, int64_t start, int64_t stop) {
-    for (int64_t s = start; s < stop; s++) {
+            const int64_t *offsets, float *out, int64_t total, int64_t grain) {
+#pragma omp parallel for num_threads(team_size(total, grain)) schedule(static)
+    for (int64_t s = 0; s < total; s++) {
         float *restrict o = out + s * d;
         for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
         for (int64_t j = offsets[s]; j < offsets[s + 1]; j++) {
@@ -25,9 +28,10 @@ void bag_q8(const int8_t *codes, const float *scales, int64_t d, const int64_t *
 }
 
 void bag_q4(const uint8_t *codes, const float *scales, int64_t d, int64_t g, const int64_t *ids, const float *w,
-            const int64_t *offsets, float *out, int64_t start, int64_t stop) {
+            const int64_t *offsets, float *out, int64_t total, int64_t grain) {
     const int64_t groups = d / g;
-    for (int64_t s = start; s < stop; s++) {
+#pragma omp parallel for num_threads(team_size(total, grain)) schedule(static)
+    for (int64_t s = 0; s < total; s++) {
         float *restrict o = out + s * d;
         for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
         for (int64_t j = offsets[s]; j < offsets[s + 1]; j++) {

@@ -10,12 +10,13 @@
  * a[k-1] + b[0] and a[0] + b[k-1] (k pairs reach each). About k ln k pairs pass
  * (knn 32: under 120 of 1,024), and the top-k of those is the same branch-light
  * selection as each half's. Compiled with bag.c into one library (kernels/cpu.py);
- * every function works on the row range [start, stop) so callers can split it
- * over threads.
+ * the rows are split over threads as there (parallel.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #define MAX_KNN 1024
 
@@ -216,19 +217,24 @@ static inline int64_t buf_size(int64_t n, int64_t k) { return n + 8 > 11 * k ? n
  * Needs 1 <= k <= min(n, MAX_KNN). Returns 0, or 1 when out of memory. */
 int product_key_topk(const float *s, int64_t heads, int64_t stride_p, int64_t stride_h, int64_t stride_half,
                       int64_t n, int64_t k, float *scores, int64_t *slots, int64_t *sub, int64_t head_stride,
-                      int64_t start, int64_t stop) {
-    float a[MAX_KNN], b[MAX_KNN];
-    int64_t ia[MAX_KNN], ib[MAX_KNN];
-    const int64_t size = buf_size(n, k);
-    uint64_t stack_buf[4096];
-    uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
-    if (buf == NULL) return 1;
-    for (int64_t r = start; r < stop; r++) {
-        const float *first = s + (r / heads) * stride_p + (r % heads) * stride_h;
-        select_row(first, stride_half, n, k, (r % heads) * head_stride, r, a, b, ia, ib, buf, scores, slots, sub);
+                      int64_t total, int64_t grain) {
+    int failed = 0;
+#pragma omp parallel num_threads(team_size(total, grain)) reduction(| : failed)
+    {
+        THREAD_RANGE(total);
+        float a[MAX_KNN], b[MAX_KNN];
+        int64_t ia[MAX_KNN], ib[MAX_KNN];
+        const int64_t size = buf_size(n, k);
+        uint64_t stack_buf[4096];
+        uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
+        failed = buf == NULL;
+        for (int64_t r = start; r < stop && !failed; r++) {
+            const float *first = s + (r / heads) * stride_p + (r % heads) * stride_h;
+            select_row(first, stride_half, n, k, (r % heads) * head_stride, r, a, b, ia, ib, buf, scores, slots, sub);
+        }
+        if (buf != stack_buf) free(buf);
     }
-    if (buf != stack_buf) free(buf);
-    return 0;
+    return failed;
 }
 
 /* The scores of one half's n sub-keys for nq queries q + i * q_stride (i < nq, each d
@@ -273,36 +279,41 @@ static inline __attribute__((always_inline)) void score_half(const float *q, int
  * a buffer (SCORE_ROWS x 2n floats) and never reach memory; the selection and outputs
  * are those of product_key_topk. */
 int product_key_search(const float *q, const float *kt, int64_t heads, int64_t d, int64_t n, int64_t k,
-                       float *scores, int64_t *slots, int64_t *sub, int64_t head_stride, int64_t start, int64_t stop) {
-    float a[MAX_KNN], b[MAX_KNN];
-    int64_t ia[MAX_KNN], ib[MAX_KNN];
-    const int64_t size = buf_size(n, k), step = SCORE_ROWS * heads;
-    uint64_t stack_buf[4096];
-    float stack_s[SCORE_ROWS * 2048];
-    uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
-    float *s = n <= 1024 ? stack_s : malloc(sizeof(float) * SCORE_ROWS * 2 * n);
-    const int failed = buf == NULL || s == NULL;
-    for (int64_t h = 0; h < heads && !failed; h++) {
-        const float *k1 = kt + 2 * h * d * n, *k2 = k1 + d * n;
-        for (int64_t r = start + (h - start % heads + heads) % heads; r < stop; r += step) {
-            const float *qr = q + 2 * r * d;
-            const int64_t q_stride = 2 * heads * d;
-            int nq = 0;
-            while (nq < SCORE_ROWS && r + nq * heads < stop) nq++;
-            if (nq == SCORE_ROWS) {
-                score_half(qr, q_stride, SCORE_ROWS, k1, d, n, s, 2 * n);
-                score_half(qr + d, q_stride, SCORE_ROWS, k2, d, n, s + n, 2 * n);
-            } else {
-                for (int i = 0; i < nq; i++) {
-                    score_half(qr + i * q_stride, 0, 1, k1, d, n, s + 2 * i * n, 0);
-                    score_half(qr + i * q_stride + d, 0, 1, k2, d, n, s + (2 * i + 1) * n, 0);
+                       float *scores, int64_t *slots, int64_t *sub, int64_t head_stride, int64_t total, int64_t grain) {
+    int failed = 0;
+#pragma omp parallel num_threads(team_size(total, grain)) reduction(| : failed)
+    {
+        THREAD_RANGE(total);
+        float a[MAX_KNN], b[MAX_KNN];
+        int64_t ia[MAX_KNN], ib[MAX_KNN];
+        const int64_t size = buf_size(n, k), step = SCORE_ROWS * heads;
+        uint64_t stack_buf[4096];
+        float stack_s[SCORE_ROWS * 2048];
+        uint64_t *buf = size <= 4096 ? stack_buf : malloc(sizeof(uint64_t) * size);
+        float *s = n <= 1024 ? stack_s : malloc(sizeof(float) * SCORE_ROWS * 2 * n);
+        failed = buf == NULL || s == NULL;
+        for (int64_t h = 0; h < heads && !failed; h++) {
+            const float *k1 = kt + 2 * h * d * n, *k2 = k1 + d * n;
+            for (int64_t r = start + (h - start % heads + heads) % heads; r < stop; r += step) {
+                const float *qr = q + 2 * r * d;
+                const int64_t q_stride = 2 * heads * d;
+                int nq = 0;
+                while (nq < SCORE_ROWS && r + nq * heads < stop) nq++;
+                if (nq == SCORE_ROWS) {
+                    score_half(qr, q_stride, SCORE_ROWS, k1, d, n, s, 2 * n);
+                    score_half(qr + d, q_stride, SCORE_ROWS, k2, d, n, s + n, 2 * n);
+                } else {
+                    for (int i = 0; i < nq; i++) {
+                        score_half(qr + i * q_stride, 0, 1, k1, d, n, s + 2 * i * n, 0);
+                        score_half(qr + i * q_stride + d, 0, 1, k2, d, n, s + (2 * i + 1) * n, 0);
+                    }
                 }
+                for (int i = 0; i < nq; i++)
+                    select_row(s + 2 * i * n, n, n, k, h * head_stride, r + i * heads, a, b, ia, ib, buf, scores, slots, sub);
             }
-            for (int i = 0; i < nq; i++)
-                select_row(s + 2 * i * n, n, n, k, h * head_stride, r + i * heads, a, b, ia, ib, buf, scores, slots, sub);
         }
+        if (buf != stack_buf) free(buf);
+        if (s != stack_s) free(s);
     }
-    if (buf != stack_buf) free(buf);
-    if (s != stack_s) free(s);
     return failed;
 }

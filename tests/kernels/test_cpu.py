@@ -73,6 +73,19 @@ def test_the_kernels_run_on_torchs_openmp_threads():
 
 
 @needs_kernels
+def test_without_openmp_the_kernels_build_and_run_in_the_calling_thread(fresh_build, monkeypatch):
+    monkeypatch.setattr(cpu, "OPTIONAL", (["-march=native"], []))  # as where -fopenmp does not link
+    lib = cpu.library()
+    assert lib is not None and lib.max_threads() == 0
+    table, ids, weights = torch.randn(20, 5), torch.randint(0, 20, (12,)), torch.randn(12)
+    offsets, out = torch.arange(5) * 3, torch.full((4, 5), float("nan"))
+    with torch_threads(2):
+        cpu.run(cpu.kernel("bag", torch.float32), 4, cpu.ptr(table), 5, cpu.ptr(ids), cpu.ptr(weights),
+                cpu.ptr(offsets), cpu.ptr(out), grain=1)
+    torch.testing.assert_close(out, (table[ids] * weights[:, None]).view(4, 3, 5).sum(1))
+
+
+@needs_kernels
 @pytest.mark.parametrize("total", [0, 1, 255, 1000, 4097])
 def test_a_kernel_covers_its_range_once_whatever_the_threads(total):
     g = torch.Generator().manual_seed(total)

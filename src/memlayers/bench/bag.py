@@ -7,16 +7,20 @@
 (d) on a GPU: bytes moved by the forward, the weight-gradient kernel and the
     row-gradient reduction as a fraction of the measured device-to-device copy
     bandwidth, and the fwd+bwd time against torch's.
+
+The variants of (a) are timed in turns, and each ratio is the median over
+rounds of the two times of that round.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from memlayers.bench.timing import time_ms
+from memlayers.bench.timing import round_ratios, time_ms, time_rounds
 from memlayers.kernels import embedding_bag, row_grad_of
 from memlayers.kernels.backends import OPS, resolve_backend
 
@@ -76,15 +80,19 @@ def bench_bag_ratio(shape: BagShape, device: torch.device, repeat: int = 5) -> d
         row_grad_of(ours_table).rows()  # every touched row's summed gradient, written out
         ours_table.row_grad = w.grad = None
 
+    rounds = time_rounds({
+        "torch_fwd": torch_forward, "torch_fwd_bwd": torch_forward_backward,
+        "ours_fwd": ours_forward, "ours_fwd_bwd": ours_forward_backward, "ours_fwd_bwd_rows_written": ours_rows,
+    }, device, repeat)
     result = {"shape": asdict(shape), "backend": backend}
-    for name, fwd, fwd_bwd in (("torch", torch_forward, torch_forward_backward), ("ours", ours_forward, ours_forward_backward)):
-        result[f"{name}_fwd_ms"] = time_ms(fwd, device, repeat)
-        result[f"{name}_fwd_bwd_ms"] = time_ms(fwd_bwd, device, repeat)
-        result[f"{name}_ratio"] = result[f"{name}_fwd_bwd_ms"] / result[f"{name}_fwd_ms"]
-    result["ours_fwd_bwd_rows_written_ms"] = time_ms(ours_rows, device, repeat)
+    result.update({f"{name}_ms": statistics.median(times) for name, times in rounds.items()})
+    for name in ("torch", "ours"):
+        ratio = round_ratios(rounds[f"{name}_fwd_bwd"], rounds[f"{name}_fwd"])
+        result[f"{name}_ratio"], result[f"{name}_ratio_quartiles"] = ratio["median"], [ratio["q1"], ratio["q3"]]
     result["target_ratio"] = TARGET_RATIO
     result["meets_target"] = result["ours_ratio"] <= TARGET_RATIO
-    result["speedup_fwd_bwd_vs_torch"] = result["torch_fwd_bwd_ms"] / result["ours_fwd_bwd_ms"]
+    speedup = round_ratios(rounds["torch_fwd_bwd"], rounds["ours_fwd_bwd"])
+    result["speedup_fwd_bwd_vs_torch"], result["speedup_quartiles"] = speedup["median"], [speedup["q1"], speedup["q3"]]
     return result
 
 

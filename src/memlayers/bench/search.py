@@ -4,16 +4,19 @@ Times the top-knn selection from given half scores (what the backends differ
 in), forward and forward+backward, and the whole search of a layer (query
 projection, sub-key scores and selection) forward+backward, each for the
 reference and for the backend ``auto`` picks on the device, at 256**2 and
-1024**2 slots.
+1024**2 slots. All six are timed in turns, and each speedup is the median over
+rounds of the reference's time over the fast backend's in that round.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from memlayers.bench.timing import time_ms
+from memlayers.bench.timing import round_ratios, time_rounds
 from memlayers.kernels.search import product_key_topk, resolve_search_backend
 from memlayers.memory import MemoryConfig, ProductKeySearch
 
@@ -30,9 +33,11 @@ class SearchShape:
     n_keys: tuple[int, ...] = (256, 1024)
 
 
-def _selection(halves: torch.Tensor, knn: int, backend: str, device: torch.device,
-               repeat: int) -> tuple[float, float]:
-    """Forward and forward+backward ms of the top-knn selection alone."""
+PARTS = ("select_fwd", "select_fwd_bwd", "search_fwd_bwd")
+
+
+def _selection(halves: torch.Tensor, knn: int, backend: str, device: torch.device) -> tuple[Callable, Callable]:
+    """The top-knn selection alone, forward and forward+backward, as functions to time."""
     leaf = halves.detach().requires_grad_()
     grad = torch.randn(*halves.shape[:-2], knn, device=device, dtype=halves.dtype)
 
@@ -45,18 +50,18 @@ def _selection(halves: torch.Tensor, knn: int, backend: str, device: torch.devic
         scores.backward(grad)
         leaf.grad = None
 
-    return time_ms(forward, device, repeat), time_ms(forward_backward, device, repeat)
+    return forward, forward_backward
 
 
-def _search(search: ProductKeySearch, x: torch.Tensor, device: torch.device, repeat: int) -> float:
-    """Forward+backward ms of a whole search module."""
+def _search(search: ProductKeySearch, x: torch.Tensor) -> Callable:
+    """A whole search module forward+backward, as a function to time."""
 
     def forward_backward():
         scores, _ = search(x)
         scores.sum().backward()
         search.zero_grad(set_to_none=True)
 
-    return time_ms(forward_backward, device, repeat)
+    return forward_backward
 
 
 def bench_search(shape: SearchShape, device: torch.device, repeat: int = 5) -> dict:
@@ -68,14 +73,18 @@ def bench_search(shape: SearchShape, device: torch.device, repeat: int = 5) -> d
         halves = torch.randn(shape.tokens, shape.heads, 2, n_keys, generator=g).to(device)  # (T, H, 2, n)
         fast = resolve_search_backend("auto", halves, shape.knn)
         case = {"n_keys": n_keys, "slots": n_keys**2, "fast_backend": fast}
+        fns = {}
         for name, backend in (("reference", "reference"), ("fast", fast)):
-            case[f"{name}_select_fwd_ms"], case[f"{name}_select_fwd_bwd_ms"] = _selection(
-                halves, shape.knn, backend, device, repeat)
+            fns[name, "select_fwd"], fns[name, "select_fwd_bwd"] = _selection(halves, shape.knn, backend, device)
             torch.manual_seed(0)
             search = ProductKeySearch(shape.dim, MemoryConfig(n_keys=n_keys, heads=shape.heads, knn=shape.knn,
                                                               k_dim=shape.k_dim), backend=backend).to(device)
-            case[f"{name}_search_fwd_bwd_ms"] = _search(search, x, device, repeat)
-        for part in ("select_fwd", "select_fwd_bwd", "search_fwd_bwd"):
-            case[f"{part}_speedup"] = case[f"reference_{part}_ms"] / case[f"fast_{part}_ms"]
+            fns[name, "search_fwd_bwd"] = _search(search, x)
+        rounds = time_rounds(fns, device, repeat)
+        for (name, part), times in rounds.items():
+            case[f"{name}_{part}_ms"] = statistics.median(times)
+        for part in PARTS:
+            ratio = round_ratios(rounds["reference", part], rounds["fast", part])
+            case[f"{part}_speedup"], case[f"{part}_speedup_quartiles"] = ratio["median"], [ratio["q1"], ratio["q3"]]
         cases.append(case)
     return {"shape": asdict(shape), "cases": cases}

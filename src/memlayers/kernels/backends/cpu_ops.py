@@ -88,9 +88,11 @@ class CpuOps(TorchOps):
         """Whether :meth:`dense_grad` beats the sorted route (row segments, each row written once)
         for a ``(n_rows, dim)`` gradient. Added up in place, each lookup reads and writes its row at
         random: cheap while the rows are narrow or the whole gradient stays in cache. Measured on a
-        2-core CPU (2026-12-03): one pass wins for 64-float rows up to 262k rows and for tables up
-        to 8 MiB; 128-float rows of a 32 MiB table break even."""
-        return dim <= 64 or n_rows * dim * 4 <= 8 * 2**20
+        2-core CPU with the kernels on torch's threads (2026-12-03): one pass wins 1.4-4x up to
+        32 MiB, and 1.05-1.24x for rows of 64 or 128 floats in tables of 64 to 256 MiB. Wider rows
+        past 32 MiB break even or lose (0.87x at 512 floats), and the bag's backward, which also
+        reads the table in that pass, loses 7% at 256 floats: both routes then mostly write zeros."""
+        return dim <= 128 or n_rows * dim * 4 <= 32 * 2**20
 
     @staticmethod
     def dense_grad(

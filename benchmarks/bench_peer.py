@@ -30,6 +30,7 @@ from memlayers.bench.timing import (
     source_commit,
     time_rounds,
 )
+from memlayers.host_memory import keep_freed_memory
 from memlayers.memory import MemoryConfig, MemoryLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench_peer: the peer is not installed; run `pip install product-key-memory`", file=sys.stderr)
         return 2
+    keep_freed_memory()  # as the `memlayers` command does: both layers reuse their freed temporaries
     dim, heads, n_keys, knn, half, batch, seq = (64, 2, 32, 8, 16, 2, 32) if args.quick else (512, 4, 256, 32, 128, 8, 256)
     torch.manual_seed(0)
     x = torch.randn(batch, seq, dim)

@@ -486,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: a config, data, checkpoint, training or distributed problem is one
     line on stderr with exit code 2; SIGINT (Ctrl-C) and SIGTERM are ``memlayers:
     interrupted`` with exit code 128 + the signal's number (130, 143)."""
+    from memlayers.host_memory import keep_freed_memory
     from memlayers.procs import Interrupted, interruptible
 
+    keep_freed_memory()
     try:
         with interruptible():
             return _run(sys.argv[1:] if argv is None else list(argv))

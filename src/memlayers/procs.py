@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from memlayers.host_memory import keep_freed_memory
 from memlayers.train.trainer import TrainingError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -86,6 +87,7 @@ def _child(fn: Callable[..., Any], args: tuple, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    keep_freed_memory()
     try:
         report = ("result", fn(*args, lambda payload: conn.send(("message", payload))))
     except Exception as error:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from memlayers.host_memory import freed_memory_kept
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (no-op on the CPU)."""
@@ -72,8 +74,9 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    """Date, device and versions, stored beside every result."""
-    return {"date": date.today().isoformat(), "device": device_name(device), "torch": torch.__version__}
+    """Date, device, versions and whether freed host memory is kept (memlayers.host_memory), stored beside every result."""
+    return {"date": date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
+            "freed_memory_kept": freed_memory_kept()}
 
 
 def source_commit(root: str | Path) -> str:

@@ -245,7 +245,7 @@ def test_a_failing_variant_stops_the_others_and_is_named(tmp_path):
                        "--out", str(tmp_path / "ablations"), "workers=2", NEVER_ENDS], tmp_path)
     assert command.finish() == 2
     assert command.orphans() == []
-    assert tracebacks(command.stderr) == []
+    assert tracebacks(command.stderr) == [], command.stderr
     last = command.stderr.rstrip().splitlines()[-1]
     assert last.startswith("memlayers: training stopped: run 'broken' failed: ") and "missing.jsonl" in last, last
 

@@ -74,6 +74,23 @@ def _held_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started in the block begin with SIGINT ignored (exec keeps an ignored signal, and
+    Python then installs no KeyboardInterrupt handler): a Ctrl-C to the group while one is still
+    importing would otherwise kill it with a traceback. Inside ``_held_signals``, a SIGINT to this
+    process meanwhile stays pending and reaches the handler restored after. Only the main thread
+    can set handlers; elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -81,13 +98,14 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 def _child(fn: Callable[..., Any], args: tuple, conn: Connection) -> None:
     """A job's process: ``fn(*args, send)``, then its result or its error on ``conn``."""
     # Ctrl-C in a terminal reaches the whole process group: the parent alone answers it, by
-    # terminating its children. SIGTERM exits through Python, so that multiprocessing's finalizers
-    # release what the job holds (tqdm's semaphore, ...); it comes unblocked only now (the parent
-    # held it while starting us).
+    # terminating its children (we started with SIGINT ignored). SIGTERM exits through Python, so that
+    # multiprocessing's finalizers release what the job holds (tqdm's semaphore, ...). Until now its
+    # default action ended us at once (Python 3.11 starts us with no signal blocked; where the
+    # parent's hold carries over, the unblocking below delivers a SIGTERM that came meanwhile).
+    keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    keep_freed_memory()
     try:
         report = ("result", fn(*args, lambda payload: conn.send(("message", payload))))
     except Exception as error:
@@ -144,7 +162,8 @@ def run_all(
                     index, (name, args) = waiting.pop()
                     reader, writer = context.Pipe(duplex=False)
                     process = context.Process(target=_child, args=(fn, args, writer), name=name)
-                    with _held_signals():  # a signal now would leave a started child unrecorded
+                    # a signal now would leave a started child unrecorded
+                    with _held_signals(), _children_ignore_ctrl_c():
                         process.start()
                         running[reader] = (index, process)
                     writer.close()  # the child holds the only writer: its exit is our end of file

@@ -200,6 +200,52 @@ def test_a_failing_job_stops_the_others_and_is_named(tmp_path, mode, message):
     assert {line.split()[0] for line in command.stdout.splitlines()} == {"waiter", "bad"}
 
 
+STARTING = textwrap.dedent(
+    '''
+    """A job whose process gets SIGINT while it is still starting (importing the main module)."""
+    import os
+    import sys
+    import time
+
+    if __name__ == "__mp_main__":
+        print("child", os.getpid(), flush=True)
+        time.sleep(60)  # the signal lands here; the parent stops us long before this ends
+
+    from memlayers.procs import Interrupted, run_all
+
+
+    def job(send):
+        return 0
+
+
+    if __name__ == "__main__":
+        try:
+            run_all(job, [("slow", ())], 1)
+        except Interrupted:
+            print("interrupted", file=sys.stderr)
+            sys.exit(143)
+    '''
+)
+
+
+@pytest.mark.multiprocess
+def test_a_job_process_ignores_ctrl_c_while_it_starts(tmp_path):
+    """Ctrl-C reaches a job's process too: one still importing must not die of KeyboardInterrupt with
+    a traceback (the parent alone answers the signal, by stopping its jobs)."""
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING)
+    command = Command([sys.executable, str(script)], tmp_path)
+    command.wait_until(lambda: "child" in command.stdout, "the job's process importing")
+    child = int(command.stdout.split()[1])
+    os.kill(child, signal.SIGINT)  # the child alone: the parent must not be what stops it first
+    time.sleep(1.0)  # the child's KeyboardInterrupt, had it one, is written by now (not needed to pass)
+    command.process.send_signal(signal.SIGTERM)  # then the parent stops it
+    assert command.finish() == 143
+    assert command.orphans() == []
+    assert tracebacks(command.stderr) == [], command.stderr
+    assert command.stderr.strip() == "interrupted"
+
+
 # ---------------------------------------------------------------- memlayers demo
 
 @pytest.mark.multiprocess

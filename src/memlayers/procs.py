@@ -15,7 +15,10 @@ Ctrl-C, and a command can end with one line and the conventional exit status
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
+import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -92,16 +95,24 @@ def _children_ignore_ctrl_c() -> Iterator[None]:
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    """End a job's process from the handler: multiprocessing's exit handlers (which release what
+    the job holds: tqdm's semaphore, ...), flushed output, exit status 128 + the signal. Not by
+    raising SystemExit: the handler runs wherever the main thread is, and an exception raised in
+    Python code that native code called does not unwind through it (a ctypes callback prints and
+    swallows it; triton's nanobind module, mid-import, aborted the process with a traceback)."""
+    multiprocessing.util._exit_function()  # what a job's process runs when it ends by itself
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _child(fn: Callable[..., Any], args: tuple, conn: Connection) -> None:
     """A job's process: ``fn(*args, send)``, then its result or its error on ``conn``."""
     # Ctrl-C in a terminal reaches the whole process group: the parent alone answers it, by
-    # terminating its children (we started with SIGINT ignored). SIGTERM exits through Python, so that
-    # multiprocessing's finalizers release what the job holds (tqdm's semaphore, ...). Until now its
-    # default action ended us at once (Python 3.11 starts us with no signal blocked; where the
-    # parent's hold carries over, the unblocking below delivers a SIGTERM that came meanwhile).
+    # terminating its children (we started with SIGINT ignored). SIGTERM ends us through
+    # _exit_on_signal; until now its default action did, at once (Python 3.11 starts us with no
+    # signal blocked; where the parent's hold carries over, the unblocking below delivers a SIGTERM
+    # that came meanwhile).
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)

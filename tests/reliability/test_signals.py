@@ -200,6 +200,56 @@ def test_a_failing_job_stops_the_others_and_is_named(tmp_path, mode, message):
     assert {line.split()[0] for line in command.stdout.splitlines()} == {"waiter", "bad"}
 
 
+NATIVE = textwrap.dedent(
+    '''
+    """A job stopped while native code is calling it back: SIGTERM lands inside a ctypes callback of qsort."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+    import sys
+
+    from memlayers.procs import run_all
+    from memlayers.train.trainer import TrainingError
+
+
+    def job(send):
+        lock = multiprocessing.get_context("spawn").Lock()  # a semaphore the job holds, as tqdm's
+        compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+
+        def compare(a, b):
+            os.kill(os.getpid(), signal.SIGTERM)  # what the parent's terminate() does, at a known point
+            return a[0] - b[0]
+
+        values = (ctypes.c_int * 4)(3, 1, 2, 0)
+        ctypes.CDLL(None).qsort(values, 4, ctypes.sizeof(ctypes.c_int), compare_type(compare))
+        return f"survived {lock}"
+
+
+    if __name__ == "__main__":
+        try:
+            print(run_all(job, [("native", ())], 1))
+        except TrainingError as error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+    '''
+)
+
+
+@pytest.mark.multiprocess
+def test_sigterm_inside_native_code_ends_the_job_at_once(tmp_path):
+    """An exception raised in Python code that native code called does not unwind through it (ctypes
+    prints and swallows it; a C++ extension's initialisation aborts): the job exits from the handler."""
+    script = tmp_path / "native.py"
+    script.write_text(NATIVE)
+    command = Command([sys.executable, str(script)], tmp_path)
+    assert command.finish() == 2
+    assert command.orphans() == []
+    assert tracebacks(command.stderr) == [], command.stderr
+    assert "leaked" not in command.stderr  # the resource tracker found the job's semaphore released
+    assert command.stderr.strip() == "run 'native' failed: its process exited with code 143 without a result"
+
+
 STARTING = textwrap.dedent(
     '''
     """A job whose process gets SIGINT while it is still starting (importing the main module)."""

@@ -14,9 +14,10 @@ than with the memory kept.
 ``keep_freed_memory`` raises both thresholds to their maximum with glibc's
 ``mallopt``: freed blocks stay in the heap for the next step. The price is that
 the process's resident memory stays at its peak, as it does under CUDA's caching
-allocator, and the peak can be higher (the step benchmark: 6.0 GB against 5.0). The command line does this in its own process and in the processes
-it spawns; a Python program calls it once at start. Set
-``MEMLAYERS_KEEP_FREED_MEMORY=0`` to keep glibc's defaults.
+allocator, and the peak can be higher (the step benchmark: 6.0 GB against 5.0).
+The command line does this in its own process and in the processes it spawns;
+a Python program calls it once at start. Set ``MEMLAYERS_KEEP_FREED_MEMORY=0``
+to keep glibc's defaults.
 """
 
 from __future__ import annotations

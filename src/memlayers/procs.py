@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -51,20 +51,26 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise ``Interrupted`` inside the block (the previous handlers come back after).
-
-    Only the main thread can take signals; elsewhere the block changes nothing.
-    """
+def _handlers(handlers: dict[int, Any]) -> Iterator[None]:
+    """Signal number -> handler inside the block, the previous handlers after. Only the main
+    thread can set handlers; elsewhere the block changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def interruptible() -> AbstractContextManager[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` inside the block (the previous handlers come back after).
+
+    Only the main thread can take signals; elsewhere the block changes nothing.
+    """
+    return _handlers(dict.fromkeys(STOP_SIGNALS, _raise_interrupted))
 
 
 @contextmanager
@@ -77,21 +83,12 @@ def _held_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-@contextmanager
-def _children_ignore_ctrl_c() -> Iterator[None]:
+def _children_ignore_ctrl_c() -> AbstractContextManager[None]:
     """Processes started in the block begin with SIGINT ignored (exec keeps an ignored signal, and
     Python then installs no KeyboardInterrupt handler): a Ctrl-C to the group while one is still
     importing would otherwise kill it with a traceback. Inside ``_held_signals``, a SIGINT to this
-    process meanwhile stays pending and reaches the handler restored after. Only the main thread
-    can set handlers; elsewhere the block changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    process meanwhile stays pending and reaches the handler restored after."""
+    return _handlers({signal.SIGINT: signal.SIG_IGN})
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

@@ -156,6 +156,22 @@ def test_sparse_search_backward_equals_the_dense_one(backend, lead, n_keys, knn)
         assert b.abs().sum() > 0
 
 
+@needs_c
+@pytest.mark.parametrize("trainable", ["queries", "keys"])
+def test_c_search_backward_with_one_input_trainable(trainable):
+    # the folded backward skips the part nobody asked for; the other part is unchanged
+    torch.manual_seed(7)
+    q = torch.randn(50, 2, 2, 6, requires_grad=trainable == "queries")
+    keys = torch.randn(2, 2, 24, 6, requires_grad=trainable == "keys")
+    scores, slots = product_key_search(q, keys, 10, "cpu")
+    grad = torch.randn_like(scores)
+    leaf = q if trainable == "queries" else keys
+    (ours,) = torch.autograd.grad(scores, leaf, grad)
+    (theirs,) = torch.autograd.grad(selected_scores(q, keys, slots), leaf, grad)
+    torch.testing.assert_close(ours, theirs)
+    assert theirs.abs().sum() > 0
+
+
 def test_auto_and_bad_requests():
     s = torch.randn(4, 2, 32)
     expected = "cpu" if cpu.available() else "reference"

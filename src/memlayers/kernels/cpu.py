@@ -56,13 +56,14 @@ SIGNATURES: dict[str, list] = {
     "adam": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _I64, _I64],
     "product_key_topk": [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64],
     "product_key_search": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64],
+    "search_backward": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _I64],
     "bag_q8": [_P, _P, _I64, _P, _P, _P, _P, _I64, _I64],
     "bag_q4": [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64],
     "max_threads": [],
 }
 # what the functions that return something return (the others return nothing)
 RESTYPES = {"row_grad_sq_norm": ctypes.c_double, "product_key_topk": ctypes.c_int, "product_key_search": ctypes.c_int,
-            "max_threads": ctypes.c_int}
+            "search_backward": ctypes.c_int, "max_threads": ctypes.c_int}
 # dtype suffixes each function is compiled for (table, then state): bag_f32, adam_bf16_f32, ...
 VARIANTS: dict[str, tuple[str, ...]] = {
     "bag": ("_f32", "_bf16"),
@@ -74,6 +75,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "adam": ("_f32_f32", "_f32_bf16", "_bf16_f32", "_bf16_bf16"),
     "product_key_topk": ("",),
     "product_key_search": ("",),
+    "search_backward": ("",),
     "bag_q8": ("",),
     "bag_q4": ("",),
     "max_threads": ("",),

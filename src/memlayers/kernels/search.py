@@ -86,6 +86,34 @@ def _cpu_search(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Te
                   cpu.ptr(q), cpu.ptr(kt), heads, d, n_keys, knn)
 
 
+def _cpu_search_backward(q: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, grad_scores: torch.Tensor,
+                         need_q: bool, need_keys: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The C search's backward for float32 queries ``(..., H, 2, d)`` and sub-keys ``(H, 2, n_keys, d)``:
+    each row's slot gradients folded onto the distinct sub-keys it read (knn 32 reads about 11 per
+    half), then the queries' gradient as a bag of those and the sub-keys' as one pass over them.
+    ``ids`` ``(R, 2, knn)``: the rows read, as :func:`_cpu_search` returns them."""
+    heads, _, n_keys, d = keys.shape
+    R, _, knn = ids.shape
+    table = keys.detach().contiguous().reshape(heads * 2 * n_keys, d)  # (H * 2 * n_keys, d)
+    g = grad_scores.detach().float().contiguous()  # (..., H, knn): rows (p, h)
+    folded = torch.empty(R, 2, knn, dtype=torch.long)  # (R, 2, knn): each half's distinct rows, then -1
+    folded_w = torch.empty(R, 2, knn)  # (R, 2, knn): their summed slot gradients, then 0
+    grad_q = torch.empty(R, 2, d) if need_q else None  # (R, 2, d)
+    failed = cpu.run(cpu.kernel("search_backward"), R, cpu.ptr(table), d, table.shape[0], cpu.ptr(ids), cpu.ptr(g),
+                     knn, None if grad_q is None else cpu.ptr(grad_q), cpu.ptr(folded), cpu.ptr(folded_w), grain=16)
+    if failed:
+        raise MemoryError(f"the product-key search's backward could not allocate its row map ({table.shape[0]} rows)")
+    grad_keys = None
+    if need_keys:
+        grad_keys = torch.empty(table.shape)  # (H * 2 * n_keys, d)
+        x = q.detach().contiguous().reshape(R * 2, d)  # (2R, d): the query half each folded row was read with
+        # the one-pass dense gradient skips the -1 padding (no thread owns it); split by rows as there
+        cpu.run(cpu.kernel("dense_grad", torch.float32), table.shape[0], cpu.ptr(grad_keys), d, cpu.ptr(folded),
+                cpu.ptr(folded_w), folded.numel(), knn, cpu.ptr(x), None, None, grain=1024)
+        grad_keys = grad_keys.reshape(keys.shape)
+    return None if grad_q is None else grad_q.reshape(q.shape), grad_keys
+
+
 def _triton_topk(s: torch.Tensor, knn: int, head_stride: int) -> tuple[torch.Tensor, ...]:
     from memlayers.kernels import triton_search
 
@@ -145,13 +173,16 @@ class _SparseSearch(torch.autograd.Function):
     The selected slot's score is ``q1 . K1[i] + q2 . K2[j]``, so its gradient reaches
     the queries as a bag of the selected sub-keys and the sub-keys as a row gradient
     (the embedding-bag ops of :mod:`memlayers.kernels.backends`), instead of a dense
-    ``(..., n_keys)`` score gradient multiplied back through both matmuls.
+    ``(..., n_keys)`` score gradient multiplied back through both matmuls. The C search
+    first folds each row's slot gradients onto the distinct sub-keys the row read
+    (:func:`_cpu_search_backward`), so each of those is read once per row.
     """
 
     @staticmethod
     def forward(ctx, q, keys, knn, backend):  # noqa: D102 (autograd hook)
         # ids (R = P * H, 2, knn): the rows read of the sub-keys as one (H * 2 * n_keys, half) table
-        if backend == "cpu" and q.dtype == keys.dtype == torch.float32:
+        ctx.fused = backend == "cpu" and q.dtype == keys.dtype == torch.float32
+        if ctx.fused:
             out, slots, ids = _cpu_search(q, keys, knn)  # (R, knn), (R, knn), ids
         else:
             out, slots, ids = _select(half_scores(q, keys), knn, backend, head_stride=2 * keys.shape[2])
@@ -164,6 +195,8 @@ class _SparseSearch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores, _):  # noqa: D102 (autograd hook)
         q, keys, ids = ctx.saved_tensors
+        if ctx.fused:
+            return (*_cpu_search_backward(q, keys, ids, grad_scores, *ctx.needs_input_grad[:2]), None, None)
         H, _, n_keys, half = keys.shape
         R, knn = ids.shape[0], ids.shape[2]
         table = keys.reshape(H * 2 * n_keys, half)  # (H*2*n_keys, half)

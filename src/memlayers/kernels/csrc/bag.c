@@ -124,7 +124,8 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
 /* The dense table gradient of fixed-size bags, rows [start, stop) of it:
  * grad[r] = sum over lookups j with ids[j] == r of w[j] * grad_out[j / K], summed in ascending j
  * (so each row's sum has one order however the rows are split over threads; each thread
- * scans every lookup and keeps those of its rows). The rows in range are zeroed first.
+ * scans every lookup and keeps those of its rows: an id in no thread's range, such as the -1
+ * padding of the search's backward, is skipped). The rows in range are zeroed first.
  * With a table, the same pass also writes the weight gradient of the lookups of its rows,
  * dots[j] = grad_out[j / K] . table[ids[j]] (LANES partial sums, as bag_dot): the read's
  * whole backward, each row of the table and of its gradient visited together.

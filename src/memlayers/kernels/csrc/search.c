@@ -344,3 +344,68 @@ int product_key_search(const float *q, const float *kt, int64_t heads, int64_t d
     }
     return failed;
 }
+
+/* The search's backward, per row: slot t of row r read sub-key rows sub[r, 0, t] and
+ * sub[r, 1, t] with gradient g[r, t]. The knn slots of a row share sub-keys (knn 32
+ * reads about 11 distinct ones per half), so each half's gradient is first folded onto
+ * its distinct rows: ids[r, s, 0..m) lists them in order of first use (the rest -1) and
+ * w[r, s, .] their summed gradients (in slot order; 0 after m). Then, unless grad_q is
+ * NULL, grad_q[r, s] = sum over the m rows of w * keys[row] (d floats each): the queries'
+ * gradient reads each distinct sub-key once. The sub-keys' own gradient is dense_grad
+ * over ids and w (a -1 is in no thread's rows, so it is skipped). keys: (n_rows, d), the
+ * sub-keys of all heads as one table. Returns 0, or 1 when out of memory. */
+int search_backward(const float *keys, int64_t d, int64_t n_rows, const int64_t *sub, const float *g, int64_t k,
+                    float *grad_q, int64_t *ids, float *w, int64_t total, int64_t grain) {
+    int failed = 0;
+#pragma omp parallel num_threads(team_size(total, grain)) reduction(| : failed)
+    {
+        THREAD_RANGE(total);
+        int32_t *at = malloc(sizeof(int32_t) * n_rows); /* row -> its place in the row's list, or -1 */
+        failed = at == NULL;
+        if (!failed)
+            for (int64_t i = 0; i < n_rows; i++) at[i] = -1;
+        for (int64_t r = start; r < stop && !failed; r++) {
+            const float *gr = g + r * k;
+            for (int64_t s = 0; s < 2; s++) {
+                const int64_t *in = sub + (2 * r + s) * k;
+                int64_t *out = ids + (2 * r + s) * k;
+                float *wo = w + (2 * r + s) * k;
+                int64_t m = 0;
+                for (int64_t t = 0; t < k; t++) {
+                    const int64_t row = in[t];
+                    if (at[row] < 0) {
+                        at[row] = (int32_t)m;
+                        out[m] = row;
+                        wo[m++] = gr[t];
+                    } else {
+                        wo[at[row]] += gr[t];
+                    }
+                }
+                for (int64_t i = 0; i < m; i++) at[out[i]] = -1;
+                for (int64_t i = m; i < k; i++) {
+                    out[i] = -1;
+                    wo[i] = 0.0f;
+                }
+                if (grad_q == NULL) continue;
+                float *restrict o = grad_q + (2 * r + s) * d;
+                for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+                int64_t i = 0;
+                for (; i + 4 <= m; i += 4) {
+                    const float *restrict r0 = keys + out[i] * d, *restrict r1 = keys + out[i + 1] * d,
+                                          *restrict r2 = keys + out[i + 2] * d, *restrict r3 = keys + out[i + 3] * d;
+                    const float w0 = wo[i], w1 = wo[i + 1], w2 = wo[i + 2], w3 = wo[i + 3];
+#pragma omp simd
+                    for (int64_t c = 0; c < d; c++) o[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+                }
+                for (; i < m; i++) {
+                    const float *restrict row = keys + out[i] * d;
+                    const float wi = wo[i];
+#pragma omp simd
+                    for (int64_t c = 0; c < d; c++) o[c] += wi * row[c];
+                }
+            }
+        }
+        free(at);
+    }
+    return failed;
+}

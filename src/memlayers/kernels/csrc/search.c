@@ -45,6 +45,13 @@ static inline uint32_t float_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/* float_key(f) ^ 0x80000000 as a signed integer: the same order, without a branch. */
+static inline int32_t signed_key(float f) {
+    int32_t u;
+    memcpy(&u, &f, 4);
+    return u ^ ((u >> 31) & 0x7fffffff);
+}
+
 /* The float's key with the sub-key id below it, so that keys are distinct and
  * equal scores rank the lower id first. */
 static inline uint64_t sort_key(uint32_t key, int64_t id) {
@@ -148,18 +155,21 @@ static int64_t candidates(const float *s, int64_t n, uint32_t threshold, uint64_
  * scores >= it (about 3k of 256 for random scores) are candidates. The group
  * maxima are one vectorised pass. buf has room for n + 8 keys. */
 static void top_sorted(const float *s, int64_t n, int64_t k, uint64_t *buf, float *val, int64_t *idx) {
-    uint32_t group_max[MAX_KNN];
-    for (int64_t j = 0; j < k; j++) group_max[j] = 0;
-    for (int64_t base = 0; base < n; base += k) {
-        int64_t width = n - base < k ? n - base : k;
-        for (int64_t j = 0; j < width; j++) {
-            uint32_t v = float_key(s[base + j]);
+    int32_t group_max[MAX_KNN]; /* in signed_key order: whole groups are one branch-free vector loop */
+    for (int64_t j = 0; j < k; j++) group_max[j] = signed_key(s[j]);
+    int64_t base = k;
+    for (; base + k <= n; base += k)
+        for (int64_t j = 0; j < k; j++) {
+            const int32_t v = signed_key(s[base + j]);
             group_max[j] = v > group_max[j] ? v : group_max[j];
         }
+    for (int64_t j = 0; base + j < n; j++) { /* the last, partial group */
+        const int32_t v = signed_key(s[base + j]);
+        group_max[j] = v > group_max[j] ? v : group_max[j];
     }
-    uint32_t threshold = group_max[0];
-    for (int64_t j = 1; j < k; j++) threshold = group_max[j] < threshold ? group_max[j] : threshold;
-    select_sorted(buf, candidates(s, n, threshold, buf), k);
+    int32_t least = group_max[0];
+    for (int64_t j = 1; j < k; j++) least = group_max[j] < least ? group_max[j] : least;
+    select_sorted(buf, candidates(s, n, (uint32_t)least ^ 0x80000000u, buf), k);
     for (int64_t t = 0; t < k; t++) {
         idx[t] = (int64_t)(uint32_t)~(uint32_t)buf[t];
         val[t] = s[idx[t]];

@@ -40,7 +40,8 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("bag.c", "search.c", "quantized.c")]
 HEADERS = [CSRC / "parallel.h"]
-FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno"]
+"""-fno-math-errno: a sqrtf that may set errno keeps a loop scalar (the row AdamW update was)."""
 OPTIONAL = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 """Extra flags, tried in turn: -march=native is not known to every compiler, OpenMP not to every install."""
 

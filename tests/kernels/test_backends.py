@@ -76,6 +76,9 @@ def test_row_gradient_and_its_norm_match_the_reference(ops):
     ref_rows, ref_grads = row_grad(TorchOps).rows()
     torch.testing.assert_close(rows, ref_rows)
     torch.testing.assert_close(grads, ref_grads)
+    # rows read once (the C norm takes them from each bag's |grad_out|^2) and rows read more often
+    reads = row_grad(ops).segments().offsets.diff()
+    assert (reads == 1).any() and (reads > 1).any()
     assert row_grad(ops).sq_norm() == pytest.approx(row_grad(TorchOps).sq_norm(), rel=1e-5)
 
 

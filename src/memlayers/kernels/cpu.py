@@ -50,7 +50,7 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES: dict[str, list] = {
     "bag": [_P, _I64, _P, _P, _P, _P, _I64, _I64],
     "bag_dot": [_P, _I64, _P, _I64, _P, _P, _I64, _I64],
-    "row_grad_sq_norm": [_P, _P, _P, _P, _I64, _I64, _I64],
+    "row_grad_sq_norm": [_P, _P, _P, _P, _I64, _I64, _P, _I64, _I64],
     "dense_grad": [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64, _I64],
     "sgd": [_P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64],
     "adagrad": [_P, _P, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _I64, _I64],

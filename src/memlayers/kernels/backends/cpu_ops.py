@@ -125,9 +125,11 @@ class CpuOps(TorchOps):
         seg = grad.segments()
         if seg.grad_out.dtype != torch.float32 or seg.grad_out.device.type != "cpu" or not cpu.available():
             return TorchOps.sq_norm(grad)
+        grad_out = seg.grad_out  # (B, d)
+        bag_sq = torch.empty(grad_out.shape[0])  # (B,): each bag's |grad_out|^2, filled by the kernel
         total = cpu.run(
             cpu.library().row_grad_sq_norm, seg.rows.numel(), cpu.ptr(seg.offsets), cpu.ptr(seg.bags),
-            cpu.ptr(seg.weights), cpu.ptr(seg.grad_out), grad.dim, grain=64,
+            cpu.ptr(seg.weights), cpu.ptr(grad_out), grad.dim, grad_out.shape[0], cpu.ptr(bag_sq), grain=64,
         )
         return total * grad.scale**2
 

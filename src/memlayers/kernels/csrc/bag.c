@@ -213,19 +213,36 @@ static inline void segment_grad(int64_t u, const int64_t *seg, const int64_t *ba
     }
 }
 
-/* sum over the segments of |row gradient|^2 (for gradient clipping); each thread's
- * part is summed alone, then the parts in thread order, so a thread count gives one result */
+/* sum over the segments of |row gradient|^2 (for gradient clipping). A row read by one
+ * lookup (most rows of a large table) has the gradient w * grad_out[bag], so its square is
+ * w^2 |grad_out[bag]|^2 from bag_sq (n_bags floats, filled here first): no row is summed for it.
+ * Each thread's part is summed alone, then the parts in thread order, so a thread count gives
+ * one result. */
 double row_grad_sq_norm(const int64_t *seg, const int64_t *bags, const float *w, const float *grad_out,
-                        int64_t d, int64_t total, int64_t grain) {
+                        int64_t d, int64_t n_bags, float *bag_sq, int64_t total, int64_t grain) {
     const int team = team_size(total, grain);
     double parts[team];
     for (int t = 0; t < team; t++) parts[t] = 0.0;
 #pragma omp parallel num_threads(team)
     {
+        const int64_t t = thread_index(), threads = thread_count();
+        for (int64_t b = n_bags * t / threads; b < n_bags * (t + 1) / threads; b++) {
+            const float *restrict g = grad_out + b * d;
+            float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+            for (int64_t c = 0; c < d; c++) sq += g[c] * g[c];
+            bag_sq[b] = sq;
+        }
+#pragma omp barrier
         THREAD_RANGE(total);
         float acc[d];
         double sum = 0.0;
         for (int64_t u = start; u < stop; u++) {
+            if (seg[u + 1] - seg[u] == 1) {
+                const int64_t j = seg[u];
+                sum += (double)(w[j] * w[j]) * bag_sq[bags[j]];
+                continue;
+            }
             segment_grad(u, seg, bags, w, grad_out, d, 1.0f, acc, seg[stop]);
             float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)

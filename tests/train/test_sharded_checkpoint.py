@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,15 @@ def test_an_interrupt_caught_by_dcp_ends_the_command_as_interrupted(tmp_path, mo
     with pytest.raises(Interrupted) as info:
         save_sharded(tmp_path, 2, model, optimizer, {})
     assert info.value is stop and info.value.exit_code == 143
+
+
+def test_loading_in_one_process_is_quiet(tmp_path, one_rank_group):
+    # DCP warns on every no_dist load that it assumes one process; that is what no_dist asks for
+    model, optimizer = trained(steps=1)
+    kept = clone_state(model)
+    save_sharded(tmp_path, 1, model, optimizer, {})
+    fresh, fresh_optimizer = new_model(model_config(), seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_sharded(list_checkpoints(tmp_path)[0], fresh, fresh_optimizer, no_dist=True)
+    assert_state_equal(clone_state(fresh), kept)

@@ -18,6 +18,7 @@ single-process format.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, no_dist: bo
         init_optimizer_state(optimizer)
     tensors, _, copy_back = _flat_state(model, optimizer, bool(state.get("trained_only")))
     try:
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
+        with warnings.catch_warnings():
+            if no_dist:  # DCP warns that it assumes one process: what no_dist asked for
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=no_dist)
     except ValueError as error:  # DCP's size check: the checkpoint's tensors have other shapes
         raise CheckpointError(f"checkpoint {path} does not fit this model ({first_line(error)}); check the config") from None
     except (RuntimeError, KeyError, OSError, CheckpointException) as error:  # CheckpointException is a BaseException

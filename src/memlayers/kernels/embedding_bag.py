@@ -312,8 +312,8 @@ def embedding_bag(
     Returns:
         ``(..., d)`` tensor in ``table``'s dtype.
     """
-    if isinstance(table, QuantizedTable):  # inference: the C kernel on CPU, else torch ops
-        return quantized_bag(indices, weights, table, "cpu" if backend == "cpu" else "auto")
+    if isinstance(table, QuantizedTable):  # inference: the C kernel on CPU, Triton on CUDA, else torch ops
+        return quantized_bag(indices, weights, table, backend if backend in ("cpu", "triton") else "auto")
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must have the same shape")
     name = _fast_backend(indices, table, backend, table_grad, "embedding_bag")

@@ -12,8 +12,9 @@ can be stored in 8 or 4 bits and dequantized inside the bag that reads it:
 :class:`QuantizedTable` holds ``codes`` and ``scales`` as buffers, so a model's
 state dict (and checkpoint) carries them in place of the float table.
 :func:`quantized_bag` reads it: ``reference`` dequantizes the gathered rows with
-torch ops, ``cpu`` runs ``csrc/quantized.c``. Tables are read-only: a bag that
-would need a gradient is refused.
+torch ops, ``cpu`` runs ``csrc/quantized.c`` and ``triton``
+:mod:`~memlayers.kernels.triton_quantized` (GPU tables). Tables are read-only: a
+bag that would need a gradient is refused.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memlayers.kernels import cpu
+from memlayers.kernels import cpu, triton_quantized
 from memlayers.kernels.lookups import check_ids, fixed_offsets
 
 BITS = (8, 4)
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 
 
 class QuantizedTable(nn.Module):
@@ -103,8 +104,8 @@ def quantized_bag_reference(indices: torch.Tensor, weights: torch.Tensor, table:
 
 def _cpu_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable) -> torch.Tensor:
     lead, K = indices.shape[:-1], indices.shape[-1]
-    ids = indices.reshape(-1, K).to(torch.int64).contiguous()  # (B, K)
-    w = weights.reshape(-1, K).float().contiguous()  # (B, K)
+    ids = indices.reshape(lead.numel(), K).to(torch.int64).contiguous()  # (B, K)
+    w = weights.reshape(lead.numel(), K).float().contiguous()  # (B, K)
     offsets = fixed_offsets(ids.shape[0], K, ids.device)  # (B + 1,)
     out = torch.empty(ids.shape[0], table.dim)  # (B, d)
     codes, scales = table.codes.contiguous(), table.scales.float().contiguous()  # a model cast to bf16 casts scales too
@@ -117,12 +118,28 @@ def _cpu_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable
     return out.reshape(*lead, table.dim)
 
 
+def _triton_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable) -> torch.Tensor:
+    lead, K = indices.shape[:-1], indices.shape[-1]
+    out = triton_quantized.quantized_bag(table.codes, table.scales, table.dim, table.bits, table.group_size,
+                                         indices.reshape(lead.numel(), K), weights.reshape(lead.numel(), K))  # (B, d)
+    return out.reshape(*lead, table.dim)
+
+
+def _auto_backend(device: torch.device) -> str:
+    if device.type == "cpu" and cpu.available():
+        return "cpu"
+    if device.type == "cuda" and triton_quantized.AVAILABLE:
+        return "triton"
+    return "reference"
+
+
 def quantized_bag(indices: torch.Tensor, weights: torch.Tensor, table: QuantizedTable,
                   backend: str = "auto") -> torch.Tensor:
     """The weighted bag of :func:`memlayers.kernels.embedding_bag` over a quantized table.
 
-    ``backend``: ``auto`` (``cpu`` for CPU tables when the C kernels are built, else the
-    reference) or one of :data:`BACKENDS`. Returns float32 ``(..., dim)``.
+    ``backend``: ``auto`` (``cpu`` for CPU tables when the C kernels are built, ``triton``
+    for CUDA tables when Triton is installed, else the reference) or one of :data:`BACKENDS`.
+    Returns float32 ``(..., dim)``.
     """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must have the same shape")
@@ -131,11 +148,13 @@ def quantized_bag(indices: torch.Tensor, weights: torch.Tensor, table: Quantized
                          "(train and finetune on the float checkpoint, then quantize it)")
     check_ids(indices, table.n_rows, "quantized bag", "indices")
     if backend == "auto":
-        backend = "cpu" if table.codes.device.type == "cpu" and cpu.available() else "reference"
+        backend = _auto_backend(table.codes.device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown quantized bag backend {backend!r}; choose auto or one of {list(BACKENDS)}")
     if backend == "cpu":
         if table.codes.device.type != "cpu" or not cpu.available():
             raise ValueError("quantized bag backend 'cpu' needs a CPU table and the C kernels; use backend 'auto'")
         return _cpu_bag(indices, weights, table)
+    if backend == "triton":
+        return _triton_bag(indices, weights, table)
     return quantized_bag_reference(indices, weights, table)

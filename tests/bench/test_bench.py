@@ -24,6 +24,28 @@ def test_bag_results_are_self_consistent():
     assert r["backend"] in ("cpu", "torch_rows")
 
 
+def test_bandwidth_counts_the_bytes_of_each_kernel():
+    # skipped by `bench` without a GPU, so called directly: the device run must not be its first
+    from memlayers.bench.bag import BagShape, bench_bag_bandwidth
+
+    shape = BagShape(n_rows=512, dim=64, bags=32, bag_size=8)
+    r = bench_bag_bandwidth(shape, torch.device("cpu"), repeat=1)
+    assert r["kernels"] == ["forward", "weight_grad", "row_grad", "forward_int8", "forward_int4"]
+    lookups, out = 32 * 8, 32 * 64 * 4
+    ids_and_weights = lookups * (8 + 4)
+    assert r["bytes"]["forward"] == lookups * 64 * 4 + out + ids_and_weights
+    # a quantized row is its codes and scales: 64 + 4 bytes in int8, 32 + 2 * 4 in int4 (groups of 32)
+    assert r["bytes"]["forward_int8"] == lookups * (64 + 4) + out + ids_and_weights
+    assert r["bytes"]["forward_int4"] == lookups * (32 + 8) + out + ids_and_weights
+    for name in r["kernels"]:
+        assert r[f"{name}_gb_s"] == pytest.approx(r["bytes"][name] / r[f"{name}_ms"] / 1e6)
+        assert r[f"{name}_fraction_of_copy"] == pytest.approx(r[f"{name}_gb_s"] / r["copy_bandwidth_gb_s"])
+    assert 0 < r["touched_rows"] <= 512
+    rendered = bench.render({"environment": {"date": "today", "device": "cpu", "torch": torch.__version__},
+                             "quick": True, "bandwidth": r})
+    assert [line.split("|")[1].strip() for line in rendered.splitlines() if "forward" in line] == r["kernels"][:1] + r["kernels"][3:]
+
+
 def test_step_results_cover_every_optimizer_and_touched_rows():
     r = bench.run(("step",), device="cpu", quick=True, repeat=1)["step"]
     shape = r["shape"]

@@ -4,9 +4,10 @@
     :func:`memlayers.kernels.embedding_bag` with ``table_grad="rows"`` (weight
     gradient plus the table gradient sorted into row segments; the per-row sums
     are reduced inside the row-sparse optimizer step, benchmark (b)).
-(d) on a GPU: bytes moved by the forward, the weight-gradient kernel and the
-    row-gradient reduction as a fraction of the measured device-to-device copy
-    bandwidth, and the fwd+bwd time against torch's.
+(d) on a GPU: bytes moved by the forward, the weight-gradient kernel, the
+    row-gradient reduction and the forward over int8 and int4 tables (inference)
+    as a fraction of the measured device-to-device copy bandwidth, and the
+    fwd+bwd time against torch's.
 
 The variants of (a) are timed in turns, and each ratio is the median over
 rounds of the two times of that round.
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 from memlayers.bench.timing import round_ratios, time_ms, time_rounds
 from memlayers.kernels import embedding_bag, row_grad_of
 from memlayers.kernels.backends import OPS, resolve_backend
+from memlayers.kernels.quantized import QuantizedTable, quantized_bag
 
 TARGET_RATIO = 3.0
 TARGET_BANDWIDTH = 0.7
+QUANTIZED_BITS, QUANTIZED_GROUP = (8, 4), 32
 
 
 @dataclass
@@ -130,8 +133,13 @@ def bench_bag_bandwidth(shape: BagShape, device: torch.device, repeat: int = 10)
         # grad_out rows read per lookup + one row per touched row written
         "row_grad": (lambda: ops.bag(seg.grad_out, seg.bags, seg.weights, seg.offsets), M * d * 4 + U * d * 4 + lookup_bytes),
     }
+    for bits in QUANTIZED_BITS:  # inference: the forward over int8 / int4 codes (and their scales)
+        q = QuantizedTable.quantize(table, bits, QUANTIZED_GROUP)
+        row_bytes = q.nbytes // shape.n_rows
+        kernels[f"forward_int{bits}"] = (lambda q=q: quantized_bag(ids, weights, q), M * row_bytes + B * d * 4 + lookup_bytes)
     peak = copy_bandwidth(max(table.numel() * elem, 1 << 28), device, repeat)
-    result = {"shape": asdict(shape), "backend": backend, "copy_bandwidth_gb_s": peak / 1e9, "touched_rows": U}
+    result = {"shape": asdict(shape), "backend": backend, "copy_bandwidth_gb_s": peak / 1e9, "touched_rows": U,
+              "kernels": list(kernels), "bytes": {name: n_bytes for name, (_, n_bytes) in kernels.items()}}
     for name, (fn, n_bytes) in kernels.items():
         ms = time_ms(fn, device, repeat)
         result[f"{name}_ms"] = ms

@@ -54,7 +54,7 @@ def _bandwidth(r: dict) -> str:
         return f"(d) bandwidth: skipped ({r['skipped']})"
     rows = [
         {"kernel": k, "ms": r[f"{k}_ms"], "GB/s": r[f"{k}_gb_s"], "of copy bandwidth": r[f"{k}_fraction_of_copy"]}
-        for k in ("forward", "weight_grad", "row_grad")
+        for k in r["kernels"]
     ]
     head = f"(d) bandwidth, copy {r['copy_bandwidth_gb_s']:.0f} GB/s (target >= {r['target_fraction']:.0%})"
     return "\n".join([head, "", format_table(rows, list(rows[0]))])

@@ -30,10 +30,11 @@ def test_dequantized_values_are_within_half_a_step(bits, group_size):
 
 
 @needs_c
-@pytest.mark.parametrize("bits,group_size", [(8, 32), (4, 8), (4, 32)])
-def test_c_bag_equals_the_reference(bits, group_size):
+@pytest.mark.parametrize("bits,group_size,dim", [(8, 32, 32), (4, 8, 32), (4, 32, 32), (4, 48, 96), (4, 64, 128)])
+def test_c_bag_equals_the_reference(bits, group_size, dim):
+    # int4 groups of 4, 16, 24 and 32 bytes: the vector loops (8 or 16 bytes a step) and their tails
     torch.manual_seed(1)
-    q = QuantizedTable.quantize(torch.randn(500, 32), bits, group_size)
+    q = QuantizedTable.quantize(torch.randn(500, dim), bits, group_size)
     ids = torch.randint(0, 500, (4, 6, 24))
     weights = torch.rand(4, 6, 24)
     ours = quantized_bag(ids, weights, q, "cpu")

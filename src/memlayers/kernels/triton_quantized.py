@@ -23,25 +23,17 @@ from __future__ import annotations
 import torch
 
 from memlayers.kernels.lookups import check_ids
-from memlayers.kernels.triton_bag import (
+from memlayers.kernels.triton_bag import (  # triton and tl are None where Triton is not installed
+    _BAG_MAX_BLOCK_D,
+    AVAILABLE,
     _check_device,
     _num_warps,
     _pow2_block,
     _require_triton,
     supports_device,
+    tl,
+    triton,
 )
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-
-AVAILABLE: bool = triton is not None
-
-# Largest column block of a program: wider rows are tiled over the grid's second axis.
-_MAX_BLOCK_D = 256
 
 __all__ = ["AVAILABLE", "quantized_bag"]
 
@@ -115,7 +107,7 @@ def quantized_bag(codes: torch.Tensor, scales: torch.Tensor, dim: int, bits: int
         return out
     if K == 0:
         return out.zero_()
-    block_d = _pow2_block(dim, 16, _MAX_BLOCK_D)
+    block_d = _pow2_block(dim, 16, _BAG_MAX_BLOCK_D)  # wider rows: columns tiled over the grid
     block_k = max(8, min(32, 2048 // block_d))
     grid = (B, triton.cdiv(dim, block_d))
     _quantized_bag_kernel[grid](

@@ -25,8 +25,9 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log its sta
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } >"$OUT/env.txt" 2>&1
 
-# compiled Triton kernels against their PyTorch references, and the layer and model on the GPU
-step tests 150 tests.log $PY -m pytest -q -x -n 8 -p no:cacheprovider tests/kernels tests/memory tests/model
+# compiled Triton kernels against their PyTorch references, and the layer and model on the GPU;
+# every test runs (no -x: each result is worth a device minute), none for more than 60 s
+step tests 150 tests.log $PY -m pytest -q -rf -n 8 --timeout 60 -p no:cacheprovider tests/kernels tests/memory tests/model
 # a short training run on the GPU through the CLI (loss must fall; tokens/s in the log)
 step train 60 train.log $PY -m memlayers.cli train tiny train.device=cuda train.steps=60 train.log_every=10 \
     train.eval_qa=200 train.out_dir="$OUT/run" --overwrite
